@@ -1,0 +1,105 @@
+"""GPTQ tensor packing: integer codes <-> the int32 words of AutoGPTQ's "gptq" (v1) and GPTQModel's "gptq_v2" formats.
+
+Values are laid out as one little-endian bit stream per column (qweight, packed along K) or per row (qzeros, packed
+along N), cut into 32-bit words. For 2/4/8 bits a word holds 32/bits whole values; for 3 bits, 32 values fill 3 words
+with fields crossing the word boundaries. This one rule reproduces AutoGPTQ's layout for every width.
+"""
+from math import gcd
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported: choose one of {SUPPORTED_BITS}")
+
+
+def values_per_period(bits: int) -> tuple[int, int]:
+    """(values, words): the smallest run of values that fills whole int32 words."""
+    check_bits(bits)
+    values = 32 // gcd(bits, 32)
+    return values, values * bits // 32
+
+
+def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack q [L, C] (values 0..2^bits-1) along dim 0 into int32 [L * bits / 32, C]."""
+    values, words = values_per_period(bits)
+    length, cols = q.shape
+    if length % values:
+        raise ValueError(f"cannot pack {length} {bits}-bit values: the count must be a multiple of {values}")
+    q = q.to(torch.int64).reshape(length // values, values, cols)
+    if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
+        raise ValueError(f"integer codes out of range for {bits} bits: [{int(q.min())}, {int(q.max())}]")
+    out = torch.zeros(length // values, words, cols, dtype=torch.int64)
+    for j in range(values):
+        offset = bits * j
+        word, shift = divmod(offset, 32)
+        out[:, word] |= (q[:, j] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            out[:, word + 1] |= q[:, j] >> (32 - shift)
+    out = out.reshape(-1, cols)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of _pack_rows: int32 [L * bits / 32, C] -> int32 [L, C]."""
+    values, words = values_per_period(bits)
+    rows, cols = packed.shape
+    if rows % words:
+        raise ValueError(f"{rows} packed rows do not hold whole groups of {words} words for {bits} bits")
+    w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // words, words, cols)
+    mask = (1 << bits) - 1
+    out = torch.empty(rows // words, values, cols, dtype=torch.int64)
+    for j in range(values):
+        word, shift = divmod(bits * j, 32)
+        v = w[:, word] >> shift
+        if shift + bits > 32:
+            v = v | (w[:, word + 1] << (32 - shift))
+        out[:, j] = v & mask
+    return out.reshape(-1, cols).to(torch.int32)
+
+
+def pack_qweight(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer weights q[k, n] -> qweight int32 [K * bits / 32, N]."""
+    return _pack_rows(codes_kn, bits)
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """qweight int32 [K * bits / 32, N] -> q[k, n] int32 [K, N]."""
+    return _unpack_rows(qweight, bits)
+
+
+def pack_qzeros(zeros_gn: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+    """True zero points [G, N] -> qzeros int32 [G, N * bits / 32]. The v1 format stores zero - 1."""
+    check_format(checkpoint_format)
+    zeros = zeros_gn.to(torch.int64)
+    if checkpoint_format == "gptq":
+        if zeros.numel() and zeros.min() < 1:
+            raise ValueError("the gptq (v1) format cannot store a zero point of 0 (it stores zero - 1); "
+                             "write checkpoint_format gptq_v2 instead")
+        zeros = zeros - 1
+    return _pack_rows(zeros.t().contiguous(), bits).t().contiguous()
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+    """qzeros int32 [G, N * bits / 32] -> true zero points int32 [G, N]."""
+    check_format(checkpoint_format)
+    zeros = _unpack_rows(qzeros.t().contiguous(), bits).t().contiguous()
+    return zeros + 1 if checkpoint_format == "gptq" else zeros
+
+
+def check_format(checkpoint_format: str) -> None:
+    if checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format {checkpoint_format!r} is not supported: choose one of {FORMATS}")
+
+
+def dequantize(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+    """W[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n], as float32 [N, K]."""
+    q = unpack_qweight(qweight, bits)
+    zeros = unpack_qzeros(qzeros, bits, checkpoint_format)
+    g = g_idx.long()
+    w = (q - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]
+    return w.t().contiguous()

@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="qwen_quant",
+    version="0.1.0",
+    description="Post-training GPTQ quantization and fast inference for the Qwen (v1) language models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The top-level kernels/ and calibration/ folders import as qwen_quant.kernels / qwen_quant.calibration.
+    packages=["qwen_quant", "qwen_quant.kernels", "qwen_quant.calibration"],
+    package_dir={"qwen_quant": "qwen_quant", "qwen_quant.kernels": "kernels", "qwen_quant.calibration": "calibration"},
+    install_requires=[
+        # This range resolves to the local 2.13.0 CPU build; a looser pin pulls a multi-GB CUDA build.
+        "torch>=2.4,<2.14",
+        "triton",
+        "tiktoken>=0.5",
+        "safetensors>=0.4",
+        "numpy",
+        "datasets",
+        "huggingface_hub",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["qwen-quantize=qwen_quant.cli:main"]},
+)
