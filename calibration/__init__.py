@@ -1,0 +1,200 @@
+"""Calibration samples for GPTQ: always an int64 tensor [nsamples, seqlen] of token windows.
+
+Sources (`source` of get_calibration_data):
+- "wikitext2": the WikiText-2 raw train split from the Hugging Face Hub, rows joined with "\\n\\n" (as GPTQ does).
+- "c4": the first C4 English train shard from the Hub; random documents longer than seqlen, one window each (as GPTQ).
+- a `.txt` path: UTF-8 text (BOM stripped, CRLF -> LF), tokenized once as one stream.
+- a `.jsonl` path of chats, one conversation a line, either {"messages": [{"role", "content"}, ...]} or ShareGPT
+  {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}. Each is rendered as ChatML (the data Qwen
+  calibrated its Int4/Int8 models with), with the default system prompt when it has none; the rendered conversations
+  are concatenated into one stream, so a window may start or end inside a conversation.
+- a `.npy` path: a 1-D array of integer token ids (no tokenizer needed).
+- a list of token-id sequences (lists or 1-D tensors), each at least seqlen long: nsamples distinct sequences are
+  chosen at random and one random window taken from each.
+- a 2-D integer tensor of shape [nsamples, seqlen]: returned as is (as int64).
+Windows of a stream start uniformly at random anywhere a whole window fits. The same seed gives the same samples; only
+a local torch.Generator is used, never global random state.
+"""
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from qwen_quant.tokenizer import DEFAULT_SYSTEM_PROMPT, QwenTokenizer, encode_chatml
+
+HUB_DATASETS = ("wikitext2", "c4")
+FILE_SUFFIXES = (".txt", ".jsonl", ".npy")
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+Source = Union[str, Path, Sequence[Sequence[int]], torch.Tensor]
+
+
+def get_calibration_data(source: Source, tokenizer: Optional[QwenTokenizer] = None, nsamples: int = 128,
+                         seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Token windows int64 [nsamples, seqlen] from `source` (see the module docstring for the kinds of source)."""
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(source, torch.Tensor) and source.dim() == 2:
+        return checked_sample_tensor(source, nsamples, seqlen)
+    if isinstance(source, (list, tuple)):
+        return windows_from_sequences(source, nsamples, seqlen, generator)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"unsupported calibration source of type {type(source).__name__}: pass a dataset name "
+                        f"{HUB_DATASETS}, a {'/'.join(FILE_SUFFIXES)} path, a list of token-id sequences "
+                        "or a 2-D tensor")
+    if isinstance(source, str) and source in HUB_DATASETS:
+        tokenizer = require_tokenizer(tokenizer, source)
+        dataset = load_hub_dataset(source)
+        if source == "c4":
+            return c4_windows(dataset, tokenizer, nsamples, seqlen, generator)
+        stream = tokenizer.encode("\n\n".join(dataset["text"]))
+        return random_windows(torch.tensor(stream, dtype=torch.long), nsamples, seqlen, generator, "wikitext2")
+    path = Path(source)
+    if path.suffix not in FILE_SUFFIXES:
+        if path.exists():
+            raise ValueError(f"calibration file {path} has an unsupported suffix: use one of {FILE_SUFFIXES}")
+        raise ValueError(f"unknown calibration source {str(source)!r}: use a dataset name {HUB_DATASETS} "
+                         f"or a path to a {'/'.join(FILE_SUFFIXES)} file")
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    if path.suffix == ".npy":
+        stream = read_token_ids(path)
+    elif path.suffix == ".txt":
+        stream = torch.tensor(require_tokenizer(tokenizer, path).encode(read_text(path)), dtype=torch.long)
+    else:
+        stream = torch.tensor(encode_chat_jsonl(path, require_tokenizer(tokenizer, path)), dtype=torch.long)
+    return random_windows(stream, nsamples, seqlen, generator, str(path))
+
+
+def require_tokenizer(tokenizer: Optional[QwenTokenizer], source) -> QwenTokenizer:
+    if tokenizer is None:
+        raise ValueError(f"calibration source {str(source)!r} is text and needs a tokenizer: pass tokenizer="
+                         "QwenTokenizer.from_pretrained(...), or pass token ids (.npy, a list or a tensor)")
+    return tokenizer
+
+
+def random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator,
+                   what: str) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at random starts of a 1-D token stream (windows may overlap)."""
+    if len(stream) < seqlen:
+        raise ValueError(f"{what} has {len(stream)} tokens, fewer than one window of seqlen={seqlen}")
+    starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples, 1), generator=generator)
+    return stream.long()[starts + torch.arange(seqlen)]
+
+
+def windows_from_sequences(sequences: Sequence, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    if len(sequences) < nsamples:
+        raise ValueError(f"{len(sequences)} token-id sequences given, fewer than nsamples={nsamples} "
+                         "(each sample comes from a different sequence)")
+    tensors = [torch.as_tensor(sequence) for sequence in sequences]
+    for index, tensor in enumerate(tensors):
+        if tensor.dim() != 1 or tensor.is_floating_point():
+            raise ValueError(f"token-id sequence {index} must be 1-D integers, got {tensor.dtype} of shape "
+                             f"{tuple(tensor.shape)}")
+        if len(tensor) < seqlen:
+            raise ValueError(f"token-id sequence {index} has {len(tensor)} tokens, fewer than seqlen={seqlen}")
+    chosen = torch.randperm(len(tensors), generator=generator)[:nsamples].tolist()
+    return torch.cat([random_windows(tensors[i], 1, seqlen, generator, f"sequence {i}") for i in chosen])
+
+
+def checked_sample_tensor(samples: torch.Tensor, nsamples: int, seqlen: int) -> torch.Tensor:
+    if samples.is_floating_point() or tuple(samples.shape) != (nsamples, seqlen):
+        raise ValueError(f"a calibration tensor must be integer token ids of shape [nsamples={nsamples}, "
+                         f"seqlen={seqlen}], got {samples.dtype} of shape {tuple(samples.shape)}")
+    return samples.long()
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if not text:
+        raise ValueError(f"calibration file {path} is empty")
+    return text
+
+
+def read_token_ids(path: Path) -> torch.Tensor:
+    ids = np.load(path, allow_pickle=False)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path} must hold a 1-D array of integer token ids, got {ids.dtype} of shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"calibration file {path} is empty")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"{path} holds negative token ids (smallest {ids.min()})")
+    return torch.from_numpy(ids)
+
+
+def encode_chat_jsonl(path: Path, tokenizer: QwenTokenizer) -> list[int]:
+    """All conversations of the file rendered as ChatML and concatenated in file order."""
+    stream: list[int] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                stream += encode_chatml(tokenizer, conversation_messages(json.loads(line)))
+            except KeyError as err:
+                raise ValueError(f"{path}:{line_no}: a message lacks the key {err}") from None
+            except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{line_no}: {err}") from None
+    if not stream:
+        raise ValueError(f"calibration file {path} is empty: no conversations")
+    return stream
+
+
+def conversation_messages(record: dict) -> list[dict]:
+    """{"messages": [...]} or ShareGPT {"conversations": [...]} -> [{"role", "content"}], led by a system message."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a conversation must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    elif "conversations" in record:
+        messages = []
+        for turn in record["conversations"]:
+            if turn["from"] not in SHAREGPT_ROLES:
+                raise ValueError(f"unknown ShareGPT speaker {turn['from']!r}: expected one of {sorted(SHAREGPT_ROLES)}")
+            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    else:
+        raise ValueError(f"a conversation needs a 'messages' or 'conversations' list, got keys {sorted(record)}")
+    # Qwen-Chat always sees a system turn first (its chat() and fine-tuning both add the default one).
+    if not messages or messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": DEFAULT_SYSTEM_PROMPT})
+    return messages
+
+
+def load_hub_dataset(name: str):
+    """The train split of a Hub dataset (a datasets.Dataset with a "text" column); a clear error when the Hub cannot
+    be reached."""
+    # Imported here: `datasets` is slow to import and only the two Hub sources need it.
+    import datasets
+
+    try:
+        if name == "wikitext2":
+            return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        return datasets.load_dataset("allenai/c4", data_files={"train": C4_SHARD}, split="train")
+    except OSError as err:  # ConnectionError when offline, FileNotFoundError when absent from the cache
+        raise RuntimeError(f"could not load calibration dataset {name!r} from the Hugging Face Hub ({err}); "
+                           f"without access to the Hub pass a local .txt, .jsonl or .npy path instead") from err
+
+
+def c4_windows(documents, tokenizer: QwenTokenizer, nsamples: int, seqlen: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """One random window from each of nsamples random documents longer than seqlen (GPTQ's C4 recipe; documents are
+    visited in a random order without repeats, so the search ends even when too few are long enough)."""
+    samples = []
+    for index in torch.randperm(len(documents), generator=generator).tolist():
+        ids = tokenizer.encode(documents[index]["text"])
+        if len(ids) > seqlen:
+            document = torch.tensor(ids, dtype=torch.long)
+            samples.append(random_windows(document, 1, seqlen, generator, f"c4 document {index}"))
+            if len(samples) == nsamples:
+                return torch.cat(samples)
+    raise ValueError(f"c4: only {len(samples)} of {len(documents)} documents are longer than seqlen={seqlen} tokens, "
+                     f"fewer than nsamples={nsamples}")

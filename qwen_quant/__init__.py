@@ -1,0 +1,6 @@
+"""qwen_quant: GPTQ quantization and fast inference for the Qwen (v1) language models."""
+from .config import QuantConfig, QwenConfig
+from .model import QwenForCausalLM
+from .tokenizer import QwenTokenizer
+
+__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer"]

@@ -1,0 +1,212 @@
+"""Reading and writing checkpoints in the Hugging Face layout of the Qwen (v1) models.
+
+Weights are read tensor by tensor from memory-mapped safetensors into a model built on the meta device, so loading
+needs about one copy of the weights. Pickle checkpoints are refused unless the caller opts in.
+"""
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import QwenConfig
+from .published import find_published, published_names
+
+log = logging.getLogger("qwen_quant")
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_FILES = ["*.json", "*.safetensors", "qwen.tiktoken", "*.md", "*.txt"]
+QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+
+
+def resolve_model_path(name_or_path) -> Path:
+    """A local folder as is; a published name (`Qwen-14B-Chat`, `Qwen/Qwen-1_8B-Chat`, ...) from the Hub cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    published = find_published(str(name_or_path))
+    if published is None:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a local folder nor a published Qwen model; "
+                                f"pass a folder holding config.json, or one of: {', '.join(published_names())}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(published.repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, no such revision, no network: one clear message for all
+        raise RuntimeError(f"could not download {published.repo_id} from the Hugging Face Hub ({type(e).__name__}: "
+                           f"{e}). Download it elsewhere (huggingface-cli download {published.repo_id} "
+                           f"--local-dir DIR) and pass the local folder DIR instead.") from None
+
+
+class WeightReader:
+    """Named tensors of a checkpoint folder: one model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, folder, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        self._pickled: dict[str, torch.Tensor] = {}
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+            for name, file in weight_map.items():
+                self.files[name] = self.folder / file
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{index} lists {file.name}, which is missing")
+        elif (self.folder / SINGLE_NAME).is_file():
+            self._index_file(self.folder / SINGLE_NAME)
+        else:
+            self._load_pickles(allow_pickle)
+        self._handles: dict[Path, object] = {}
+
+    def _index_file(self, file: Path) -> None:
+        for name in self._open(file).keys():
+            self.files[name] = file
+
+    def _open(self, file: Path):
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as e:  # truncated or corrupt headers surface here
+            raise ValueError(f"cannot read {file}: {e} (is the file truncated or corrupt?)") from None
+
+    def _load_pickles(self, allow_pickle: bool) -> None:
+        pickles = sorted(self.folder.glob("*.bin"))
+        if not pickles:
+            raise FileNotFoundError(f"no weights in {self.folder}: expected {SINGLE_NAME} or {INDEX_NAME}")
+        if not allow_pickle:
+            raise ValueError(f"{self.folder} holds only pickle weights ({pickles[0].name}); they can execute code "
+                             "when loaded. Convert them to safetensors, or pass allow_pickle=True to load them "
+                             "with torch.load(weights_only=True).")
+        for file in pickles:
+            for name, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+                self._pickled[name] = tensor
+                self.files[name] = file
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._pickled:
+            return self._pickled[name]
+        if name not in self.files:
+            raise KeyError(f"tensor {name} is missing from the checkpoint in {self.folder}")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name} from {file}: {e} (is the file truncated?)") from None
+
+
+def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") -> Iterator:
+    """(name, checkpoint tensor) for every parameter of module, with shape checks naming the tensor."""
+    for name, param in module.named_parameters():
+        full = prefix + name
+        if full not in reader:
+            raise KeyError(f"tensor {full} is missing from the checkpoint in {reader.folder}")
+        tensor = reader.get(full)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"tensor {full} has shape {list(tensor.shape)}, the config needs {list(param.shape)}")
+        yield name, tensor
+
+
+def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtype, device) -> None:
+    """Replace module's (meta) parameters with the checkpoint's tensors, converted one at a time."""
+    for name, tensor in list(iter_state(reader, module, prefix)):
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", allow_pickle: bool = False):
+    from .model import QwenForCausalLM
+
+    folder = resolve_model_path(path_or_name)
+    config = QwenConfig.from_file(folder)
+    quant = config.quantization_config
+    if dtype is None:
+        dtype = torch.float16 if quant is not None and torch.device(device or "cpu").type == "cuda" else \
+            (torch.bfloat16 if quant is not None else config.dtype)
+    device = torch.device(device or "cpu")
+    reader = WeightReader(folder, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    if quant is not None:
+        from .qlinear import QuantLinear
+
+        for i, block in enumerate(model.transformer.h):
+            for path in QUANTIZED_LINEARS:
+                owner, _, leaf = path.rpartition(".")
+                name = f"transformer.h.{i}.{path}"
+                setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
+                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None
+                      for t in ("qweight", "qzeros", "scales", "g_idx", "bias")),
+                    bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
+                    backend=backend, dtype=dtype, device=device, name=name))
+    expected = {n for n, _ in model.named_parameters()}
+    fill_module(model, reader, "", dtype, device)
+    known = expected | {f"transformer.h.{i}.{p}.{t}" for i in range(config.num_hidden_layers)
+                        for p in QUANTIZED_LINEARS for t in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    unexpected = [n for n in reader.names() if n not in known]
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in the checkpoint in {folder}: {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    return model.eval()
+
+
+def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, metadata: Optional[dict] = None) -> int:
+    """Stream (name, tensor) pairs into model.safetensors, or model-0000i-of-0000n.safetensors plus the index,
+    starting a new shard when the next tensor would pass max_shard_bytes. Returns the total bytes of tensors."""
+    folder = Path(folder)
+    metadata = {"format": "pt", **(metadata or {})}
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total = 0
+
+    def flush():
+        save_file(pending, str(folder / f"shard-{len(shards):05d}.tmp"), metadata=metadata)
+        shards.append(list(pending))
+        pending.clear()
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+            pending_bytes = 0
+        pending[name] = tensor.contiguous()
+        pending_bytes += size
+        total += size
+    if pending or not shards:
+        flush()
+    if len(shards) == 1:
+        os.replace(folder / "shard-00000.tmp", folder / SINGLE_NAME)
+        return total
+    weight_map = {}
+    for i, names in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{i:05d}.tmp", folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return total
+
+
+def copy_side_files(src, dst) -> None:
+    """Tokenizer and generation files travel with the weights; code files never do."""
+    for name in ("qwen.tiktoken", "generation_config.json", "tokenizer_config.json", "tok512.bin"):
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)

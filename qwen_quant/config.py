@@ -1,0 +1,152 @@
+"""Configuration of a Qwen (v1) checkpoint, read from its config.json."""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REAL_VOCAB = 151851  # ids past this are embedding padding: never valid predictions with the Qwen tokenizer
+
+
+@dataclass
+class QuantConfig:
+    """The `quantization_config` of a GPTQ checkpoint (also written as quantize_config.json)."""
+
+    bits: int = 4
+    group_size: int = 128
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    static_groups: bool = False
+    sym: bool = True
+    true_sequential: bool = True
+    checkpoint_format: str = "gptq"  # "gptq" (v1, zero stored minus one; Qwen's files) or "gptq_v2"
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "quantization_config") -> "QuantConfig":
+        method = d.get("quant_method", "gptq")
+        if method != "gptq":
+            raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'gptq')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        from .packing import check_bits, check_format  # packing knows the formats and widths
+
+        check_bits(cfg.bits)
+        check_format(cfg.checkpoint_format)
+        if cfg.group_size != -1 and cfg.group_size <= 0:
+            raise ValueError(f"{source}: group_size {cfg.group_size} must be positive or -1")
+        return cfg
+
+    def to_dict(self) -> dict:
+        """The published layout: the quantize_config.json keys, plus checkpoint_format only when it is not v1."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_format"}
+        d.update(model_name_or_path=None, model_file_base_name="model")
+        if self.checkpoint_format != "gptq":
+            d["checkpoint_format"] = self.checkpoint_format
+        return d
+
+
+@dataclass
+class QwenConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    intermediate_size: int  # Qwen convention: twice the MLP width
+    kv_channels: Optional[int] = None
+    seq_length: int = 8192
+    max_position_embeddings: int = 32768
+    layer_norm_epsilon: float = 1e-6
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    no_bias: bool = True
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    local_window_size: Optional[int] = None  # our option: attend to at most this many previous positions
+    quantization_config: Optional[QuantConfig] = None
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
+
+    REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+
+    def __post_init__(self):
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        problems = [f"{k}={getattr(self, k)!r} must be a positive integer" for k in self.REQUIRED + ("kv_channels",)
+                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+                    or getattr(self, k) <= 0]
+        if not problems and self.kv_channels * self.num_attention_heads != self.hidden_size:
+            problems.append(f"kv_channels {self.kv_channels} x num_attention_heads {self.num_attention_heads} "
+                            f"!= hidden_size {self.hidden_size}")
+        if not problems and self.intermediate_size % 2:
+            problems.append(f"intermediate_size {self.intermediate_size} must be even (twice the MLP width)")
+        if self.rotary_pct != 1.0:
+            problems.append(f"rotary_pct {self.rotary_pct} is not supported (Qwen v1 uses 1.0)")
+        if self.torch_dtype not in DTYPES:
+            problems.append(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
+        if problems:
+            raise ValueError("invalid Qwen config: " + "; ".join(problems))
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size // 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.torch_dtype]
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "QwenConfig":
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{source} lacks required field(s) {missing}")
+        model_type = d.get("model_type", "qwen")
+        if model_type != "qwen":
+            raise ValueError(f"{source}: model_type {model_type!r} is not Qwen v1 ('qwen')")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config"}
+        known = {k: v for k, v in d.items() if k in names}
+        if "torch_dtype" not in d:  # old Qwen configs only carry the bf16/fp16/fp32 flags
+            known["torch_dtype"] = "bfloat16" if d.get("bf16") else "float16" if d.get("fp16") else "float32"
+        extra = {k: v for k, v in d.items() if k not in names and k != "quantization_config"}
+        quant = d.get("quantization_config")
+        try:
+            return cls(**known, extra=extra,
+                       quantization_config=QuantConfig.from_dict(quant, f"{source} quantization_config")
+                       if quant else None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path) -> "QwenConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("extra", "quantization_config", "local_window_size")})
+        if self.local_window_size is not None:
+            d["local_window_size"] = self.local_window_size
+        d.setdefault("model_type", "qwen")
+        d.setdefault("architectures", ["QWenLMHeadModel"])
+        if self.quantization_config is not None:
+            d["quantization_config"] = {**self.quantization_config.to_dict(), "quant_method": "gptq"}
+        return d
+
+    def save(self, folder) -> None:
+        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,50 @@
+"""Random Qwen checkpoints with real layouts and shapes, for tests and benchmarks (no weights to download)."""
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import write_shards
+from .config import QwenConfig
+
+
+def tiny_config(**overrides) -> QwenConfig:
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                  intermediate_size=256, seq_length=64, max_position_embeddings=512, torch_dtype="float32")
+    fields.update(overrides)
+    return QwenConfig(**fields)
+
+
+def random_tensors(config: QwenConfig, dtype: torch.dtype, seed: int = 0) -> Iterator:
+    """(name, tensor) in checkpoint order, one at a time, so a large checkpoint never sits in memory whole."""
+    g = torch.Generator().manual_seed(seed)
+    h, ff, V = config.hidden_size, config.ffn_size, config.vocab_size
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    yield "transformer.wte.weight", rand(V, h, std=1.0)
+    for i in range(config.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        yield p + "ln_1.weight", (1 + rand(h, std=0.1).float()).to(dtype)
+        yield p + "attn.c_attn.weight", rand(3 * h, h, std=h**-0.5)
+        yield p + "attn.c_attn.bias", rand(3 * h, std=0.1)
+        yield p + "attn.c_proj.weight", rand(h, h, std=h**-0.5)
+        yield p + "ln_2.weight", (1 + rand(h, std=0.1).float()).to(dtype)
+        yield p + "mlp.w1.weight", rand(ff, h, std=h**-0.5)
+        yield p + "mlp.w2.weight", rand(ff, h, std=h**-0.5)
+        yield p + "mlp.c_proj.weight", rand(h, ff, std=ff**-0.5)
+    yield "transformer.ln_f.weight", torch.ones(h, dtype=dtype)
+    yield "lm_head.weight", rand(V, h, std=h**-0.5)
+
+
+def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
+                           max_shard_bytes: int = 4 * 10**9) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.torch_dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    config.save(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
+    write_shards(random_tensors(config, dtype, seed), folder, max_shard_bytes)
+    return folder

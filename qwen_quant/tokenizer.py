@@ -1,0 +1,160 @@
+"""The Qwen (v1) tokenizer: tiktoken BPE over `qwen.tiktoken`, Qwen's special tokens, and the ChatML template.
+
+The special tokens are not in `qwen.tiktoken`; Qwen adds them in code at fixed ids from 151643, so the file must hold
+exactly the 151,643 ordinary ranks 0..151642.
+"""
+import base64
+import shutil
+from pathlib import Path
+from typing import AbstractSet, Iterable, Sequence, Union
+
+import tiktoken
+
+TIKTOKEN_FILE = "qwen.tiktoken"
+# Qwen's pre-tokenizer (tokenization_qwen.py): `\p{N}` alone makes every digit its own token.
+PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+           r"""|\s+(?!\S)|\s+""")
+NUM_MERGEABLE_RANKS = 151643
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = {
+    name: NUM_MERGEABLE_RANKS + i
+    for i, name in enumerate((ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{j}|>" for j in range(205))))
+}
+VOCAB_SIZE = NUM_MERGEABLE_RANKS + len(SPECIAL_TOKENS)  # 151851; embeddings have more (padding) rows
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+CHAT_ROLES = ("system", "user", "assistant")
+
+AllowedSpecial = Union[str, AbstractSet[str], Sequence[str]]  # "all", one name, or several names
+
+
+def read_mergeable_ranks(path: Path) -> dict[bytes, int]:
+    """Parse `base64(token) SPACE rank` lines, checking what tiktoken's own loader does not: strict base64, ranks
+    0, 1, 2, ... in order, no repeated token."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.decode("ascii", errors="replace").split()
+            if len(fields) != 2:
+                raise ValueError(f"{path}: line {line_no} is not 'base64(token) rank': {line[:80]!r}")
+            try:
+                token = base64.b64decode(fields[0], validate=True)
+            except ValueError as err:  # binascii.Error, or non-ASCII text
+                raise ValueError(f"{path}: line {line_no}: bad base64 token {fields[0][:40]!r} ({err})") from None
+            expected = line_no - 1
+            if fields[1] != str(expected):
+                raise ValueError(f"{path}: line {line_no}: rank {fields[1][:20]!r}, expected {expected} "
+                                 "(ranks must be 0, 1, 2, ... in order)")
+            if token in ranks:
+                raise ValueError(f"{path}: line {line_no}: token {token!r} already has rank {ranks[token]}")
+            ranks[token] = expected
+    if len(ranks) != NUM_MERGEABLE_RANKS:
+        raise ValueError(f"{path}: {len(ranks)} ranks, expected {NUM_MERGEABLE_RANKS}: Qwen's special tokens are fixed "
+                         f"at ids {NUM_MERGEABLE_RANKS}.., so only the complete Qwen vocabulary fits")
+    return ranks
+
+
+class QwenTokenizer:
+    """Qwen's tiktoken BPE with its 208 special tokens; `encoding` is the underlying tiktoken.Encoding."""
+
+    def __init__(self, tiktoken_file: Union[str, Path]):
+        self.tiktoken_file = Path(tiktoken_file)
+        self.encoding = tiktoken.Encoding(
+            name="qwen",
+            pat_str=PATTERN,
+            mergeable_ranks=read_mergeable_ranks(self.tiktoken_file),
+            special_tokens=SPECIAL_TOKENS,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path]) -> "QwenTokenizer":
+        """`path` is a folder holding `qwen.tiktoken` (a checkpoint folder) or the file itself."""
+        path = Path(path)
+        file = path / TIKTOKEN_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"Qwen tokenizer file not found: {file} (pass a folder holding {TIKTOKEN_FILE} "
+                                    "or the file itself)")
+        return cls(file)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Copy `qwen.tiktoken` into `folder` (created if needed), as an exported checkpoint needs; returns the copy."""
+        target = Path(folder) / TIKTOKEN_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target.exists() and target.samefile(self.tiktoken_file)):
+            shutil.copyfile(self.tiktoken_file, target)
+        return target
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """By default special-token text such as "<|im_end|>" is encoded as plain text, never as a special id (so user
+        text cannot inject control tokens). `allowed_special="all"`, one name or a set of names turns those into special
+        ids."""
+        if allowed_special != "all":
+            # A lone name is one token, not a set of characters.
+            allowed_special = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+            unknown = allowed_special - SPECIAL_TOKENS.keys()
+            if unknown:
+                raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)}; "
+                                 f"known ones look like {ENDOFTEXT}, {IM_START}, {IM_END}, <|extra_0|>")
+        return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids must be real tokens (0 <= id < 151851). Ids from the embedding's padding rows (151851..) raise instead of
+        being dropped: producing one means a caller did not mask the invalid logits, a bug to surface."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < VOCAB_SIZE]
+        if bad:
+            raise ValueError(f"cannot decode ids {bad[:10]}: Qwen token ids are 0..{VOCAB_SIZE - 1} "
+                             f"(ids >= {VOCAB_SIZE} are embedding padding rows, never tokens)")
+        return self.encoding.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(SPECIAL_TOKENS)
+
+    @property
+    def eod_id(self) -> int:
+        return SPECIAL_TOKENS[ENDOFTEXT]
+
+    @property
+    def im_start_id(self) -> int:
+        return SPECIAL_TOKENS[IM_START]
+
+    @property
+    def im_end_id(self) -> int:
+        return SPECIAL_TOKENS[IM_END]
+
+
+def encode_chatml(tokenizer: QwenTokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Render [{"role", "content"}, ...] as ChatML ids: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then
+    `<|im_start|>assistant\\n` when `add_generation_prompt`. As Qwen's make_context does, role, newline and content are
+    encoded separately with no special tokens allowed: only the template's own markers are special ids."""
+    newline = tokenizer.encode("\n")
+    ids: list[int] = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {index}: role {role!r} is not one of {CHAT_ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
+        ids += [tokenizer.im_start_id, *tokenizer.encode(role), *newline, *tokenizer.encode(content),
+                tokenizer.im_end_id, *newline]
+    if add_generation_prompt:
+        ids += [tokenizer.im_start_id, *tokenizer.encode("assistant"), *newline]
+    return ids
+
+
+def build_chat_input(tokenizer: QwenTokenizer, query: str, history: Sequence[tuple[str, str]] = None,
+                     system: str = DEFAULT_SYSTEM_PROMPT) -> list[int]:
+    """The prompt ids Qwen-Chat expects: system turn, earlier (query, response) turns, the new query, then the assistant
+    header to generate from."""
+    messages = [{"role": "system", "content": system}]
+    for past_query, past_response in history or ():
+        messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
+    messages.append({"role": "user", "content": query})
+    return encode_chatml(tokenizer, messages, add_generation_prompt=True)
