@@ -168,6 +168,42 @@ def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", all
     return model.eval()
 
 
+def load_dequantized(path_or_name, dtype=torch.float32, device=None):
+    """A quantized checkpoint as a full-precision model: every QuantLinear's weight decoded back to dtype
+    (the reference that the quantized runtime is tested against, and how quantization quality is measured)."""
+    from .model import QwenForCausalLM
+    from .packing import dequantize
+
+    folder = resolve_model_path(path_or_name)
+    config = QwenConfig.from_file(folder)
+    quant = config.quantization_config
+    if quant is None:
+        raise ValueError(f"{folder} is not a quantized checkpoint (config.json has no quantization_config)")
+    reader = WeightReader(folder)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    for i, block in enumerate(model.transformer.h):
+        for path in QUANTIZED_LINEARS:
+            name = f"transformer.h.{i}.{path}"
+            linear = block.get_submodule(path)
+            w = dequantize(*(reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")),
+                           quant.bits, quant.checkpoint_format)
+            if tuple(w.shape) != tuple(linear.weight.shape):
+                raise ValueError(f"{name}.qweight decodes to shape {list(w.shape)}, the config needs "
+                                 f"{list(linear.weight.shape)}")
+            linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+            bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
+            linear.bias = None if bias is None else torch.nn.Parameter(bias.to(device=device, dtype=dtype),
+                                                                       requires_grad=False)
+    rest = torch.nn.ModuleDict({"wte": model.transformer.wte, "ln_f": model.transformer.ln_f})
+    fill_module(rest, reader, "transformer.", dtype, device)
+    fill_module(model.lm_head, reader, "lm_head.", dtype, device)
+    for i, block in enumerate(model.transformer.h):
+        fill_module(torch.nn.ModuleDict({"ln_1": block.ln_1, "ln_2": block.ln_2}), reader, f"transformer.h.{i}.",
+                    dtype, device)
+    return model.eval()
+
+
 def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, metadata: Optional[dict] = None) -> int:
     """Stream (name, tensor) pairs into model.safetensors, or model-0000i-of-0000n.safetensors plus the index,
     starting a new shard when the next tensor would pass max_shard_bytes. Returns the total bytes of tensors."""
@@ -209,4 +245,4 @@ def copy_side_files(src, dst) -> None:
     """Tokenizer and generation files travel with the weights; code files never do."""
     for name in ("qwen.tiktoken", "generation_config.json", "tokenizer_config.json", "tok512.bin"):
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+            shutil.copyfile(Path(src) / name, Path(dst) / name)

@@ -88,8 +88,13 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        B, T, h = x.shape
-        q, k, v = self.c_attn(x).split(h, dim=-1)
+        return self.c_proj(self.mix(self.c_attn(x), rope))
+
+    def mix(self, qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Fused q|k|v [B, T, 3h] -> the heads' attention outputs [B, T, h], before c_proj."""
+        B, T, h3 = qkv.shape
+        h = h3 // 3
+        q, k, v = qkv.split(h, dim=-1)
         q = apply_rope(q.view(B, T, self.heads, self.head_dim), rope)
         k = apply_rope(k.view(B, T, self.heads, self.head_dim), rope)
         if rope.logn is not None:
@@ -103,7 +108,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(rope.positions, k.shape[2], window))
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, h))
+        return y.transpose(1, 2).reshape(B, T, h)
 
 
 def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int]) -> torch.Tensor:
@@ -124,7 +129,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(ff, h, bias=not config.no_bias)
 
     def forward(self, x):
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        return self.c_proj(self.hidden(x))
+
+    def hidden(self, x):
+        """The input of c_proj: up * silu(gate)."""
+        return self.w1(x) * F.silu(self.w2(x))
 
 
 class Block(nn.Module):

@@ -1,0 +1,237 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qwen_quant.quantize as quantize_module
+from qwen_quant.checkpoint import load_dequantized
+from qwen_quant.cli import main
+from qwen_quant.evaluate import perplexity
+from qwen_quant.gptq import gptq_quantize
+from qwen_quant.quantize import quantize
+from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+
+FP_PERPLEXITY = 5.667345  # stories260k_qwen model card, 256-token windows
+
+
+def unpack_reference(words: torch.Tensor, bits: int, count: int) -> list[int]:
+    """Read `count` values of `bits` bits from int32 words as one little-endian bit stream (written here, apart
+    from the project's packer)."""
+    stream = 0
+    for i, w in enumerate(words.tolist()):
+        stream |= (w & 0xFFFFFFFF) << (32 * i)
+    return [(stream >> (bits * j)) & ((1 << bits) - 1) for j in range(count)]
+
+
+@pytest.fixture(scope="module")
+def stories_runs(stories_dir, tmp_path_factory):
+    """GPTQ and RTN checkpoints of the real stories260k_qwen, with their perplexities (computed once)."""
+    root = tmp_path_factory.mktemp("stories")
+    eval_ids = torch.from_numpy(np.load(stories_dir / "eval_ids.npy").astype(np.int64))
+    runs = {}
+    for bits, method in [(4, "gptq"), (4, "rtn"), (3, "gptq"), (3, "rtn"), (8, "gptq")]:
+        out = root / f"{method}{bits}"
+        report = quantize(stories_dir, out, bits=bits, group_size=32, calibration=stories_dir / "calib_ids.npy",
+                          nsamples=128, seqlen=128, method=method, progress=False)
+        ppl = perplexity(load_dequantized(out), eval_ids, seqlen=256, batch_size=64, progress=False).perplexity
+        runs[method, bits] = (out, report, ppl)
+    return runs
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_keeps_most_of_rtn_quality(stories_runs, bits):
+    gptq_ppl, rtn_ppl = stories_runs["gptq", bits][2], stories_runs["rtn", bits][2]
+    assert rtn_ppl > FP_PERPLEXITY
+    assert gptq_ppl - FP_PERPLEXITY <= 0.6 * (rtn_ppl - FP_PERPLEXITY), (gptq_ppl, rtn_ppl)
+
+
+def test_every_linear_beats_rtn_on_its_calibration_inputs(stories_runs):
+    for bits in (4, 3):
+        layers = stories_runs["gptq", bits][1].layers
+        assert len(layers) == 25
+        for layer in layers:
+            assert layer.tokens == 128 * 128
+            assert layer.loss < layer.rtn_loss, layer
+
+
+def test_int8_is_nearly_lossless(stories_runs):
+    assert stories_runs["gptq", 8][2] <= FP_PERPLEXITY * 1.001
+
+
+def test_exported_layout_is_the_published_one(stories_runs, stories_dir):
+    out, report, _ = stories_runs["gptq", 4]
+    tensors = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc == {"bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+                  "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
+                  "quant_method": "gptq"}
+    assert "checkpoint_format" not in qc and config["torch_dtype"] == "float16"
+    assert json.loads((out / "quantize_config.json").read_text()) == {k: v for k, v in qc.items()
+                                                                       if k != "quant_method"}
+    assert (out / "generation_config.json").is_file() and (out / "README.md").is_file()
+    for i in range(5):
+        for path, (n, k) in {"attn.c_attn": (192, 64), "attn.c_proj": (64, 64), "mlp.w1": (192, 64),
+                             "mlp.w2": (192, 64), "mlp.c_proj": (64, 192)}.items():
+            p = f"transformer.h.{i}.{path}."
+            assert tensors[p + "qweight"].dtype == torch.int32 and tensors[p + "qweight"].shape == (k // 8, n)
+            assert tensors[p + "qzeros"].dtype == torch.int32 and tensors[p + "qzeros"].shape == (k // 32, n // 8)
+            assert tensors[p + "scales"].dtype == torch.float16 and tensors[p + "scales"].shape == (k // 32, n)
+            assert tensors[p + "g_idx"].dtype == torch.int32 and torch.equal(tensors[p + "g_idx"],
+                                                                              torch.arange(k, dtype=torch.int32) // 32)
+            assert tensors[p + "bias"].dtype == torch.float16 and tensors[p + "bias"].shape == (n,)
+            assert (tensors[p + "qzeros"] == 0x77777777).all()
+            assert p + "weight" not in tensors
+    for name in ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight", "transformer.h.0.ln_1.weight"):
+        assert tensors[name].dtype == torch.float16
+    fp = load_file(stories_dir / "model.safetensors")
+    assert torch.equal(tensors["transformer.h.2.attn.c_attn.bias"], fp["transformer.h.2.attn.c_attn.bias"].half())
+    assert not tensors["transformer.h.2.mlp.w1.bias"].any()
+
+
+def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path, monkeypatch):
+    """Capture what gptq_quantize returned and read it back from the files with an independent unpacker."""
+    results = {}
+
+    def recording(*args, **kwargs):
+        result = gptq_quantize(*args, **kwargs)
+        results[kwargs["name"]] = result
+        return result
+
+    monkeypatch.setattr(quantize_module, "gptq_quantize", recording)
+    for bits, sym, desc_act in [(4, True, True), (3, False, False), (8, True, False), (2, False, True)]:
+        out = tmp_path / f"q{bits}{sym}{desc_act}"
+        results.clear()
+        quantize(stories_dir, out, bits=bits, group_size=32, sym=sym, desc_act=desc_act,
+                 calibration=stories_dir / "calib_ids.npy", nsamples=16, seqlen=64, progress=False)
+        tensors = load_file(out / "model.safetensors")
+        fmt = json.loads((out / "config.json").read_text())["quantization_config"].get("checkpoint_format", "gptq")
+        assert fmt == ("gptq" if sym else "gptq_v2")
+        for name in ("transformer.h.0.attn.c_attn", "transformer.h.4.mlp.c_proj"):
+            r = results[name]
+            n, k = r.codes.shape
+            qweight, qzeros = tensors[name + ".qweight"], tensors[name + ".qzeros"]
+            codes = torch.tensor([unpack_reference(qweight[:, col], bits, k) for col in range(n)])  # [N, K]
+            assert torch.equal(codes, r.codes.long())
+            stored = torch.tensor([unpack_reference(qzeros[g], bits, n) for g in range(qzeros.shape[0])])
+            assert torch.equal(stored + (1 if fmt == "gptq" else 0), r.zeros.long())
+            assert torch.equal(tensors[name + ".scales"], r.scales.half())
+            g_idx = tensors[name + ".g_idx"]
+            assert torch.equal(g_idx, r.g_idx)
+            counts = torch.bincount(g_idx.long())
+            assert (counts == 32).all()  # every group has exactly group_size columns
+            if desc_act:
+                assert not torch.equal(g_idx, torch.arange(k, dtype=torch.int32) // 32)
+
+
+def test_resume_after_a_kill_gives_identical_bytes(tmp_path, monkeypatch):
+    model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
+    calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
+    np.save(tmp_path / "calib.npy", calib)
+    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=8, seqlen=32, progress=False)
+    quantize(model, tmp_path / "straight", **kwargs)
+
+    real = quantize_module.quantize_block
+    calls = []
+
+    def dies_on_third_block(block, prefix, *args):
+        calls.append(prefix)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(block, prefix, *args)
+
+    monkeypatch.setattr(quantize_module, "quantize_block", dies_on_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model, tmp_path / "resumed", **kwargs)
+    assert not (tmp_path / "resumed").exists()  # nothing that looks like a checkpoint
+    assert sorted(p.name for p in (tmp_path / "resumed.partial" / "blocks").glob("*.safetensors")) == \
+        ["block_00000.safetensors", "block_00001.safetensors"]
+    monkeypatch.setattr(quantize_module, "quantize_block", real)
+    report = quantize(model, tmp_path / "resumed", resume=True, **kwargs)
+    assert report.resumed_blocks == 2
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_sharded_output(tmp_path):
+    model = save_random_checkpoint(tmp_path / "fp", tiny_config())
+    quantize(model, tmp_path / "q", method="rtn", group_size=32, max_shard_bytes=100_000, progress=False)
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert load_dequantized(tmp_path / "q")(torch.tensor([[1, 2, 3]])).isfinite().all()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    folder = save_random_checkpoint(tmp_path / "fp", tiny_config(hidden_size=128))
+    np.save(tmp_path / "calib.npy", np.arange(5000) % 512)
+    return folder, tmp_path / "calib.npy"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(group_size=48), "group size 48 does not divide the 128 inputs of attn.c_attn"),
+    (dict(bits=5), "bits=5 is not supported"),
+    (dict(nsamples=2, seqlen=4096), "seqlen 4096 exceeds the model's max_position_embeddings 512"),
+    (dict(method="awq"), "method 'awq' is not one of"),
+])
+def test_bad_settings(tiny, tmp_path, kwargs, message):
+    folder, calib = tiny
+    with pytest.raises(ValueError, match=message):
+        quantize(folder, tmp_path / "out", calibration=calib, progress=False, **{"nsamples": 4, "seqlen": 32, **kwargs})
+
+
+def test_calibration_shorter_than_a_window(tiny, tmp_path):
+    folder, _ = tiny
+    np.save(tmp_path / "short.npy", np.arange(10))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        quantize(folder, tmp_path / "out", calibration=tmp_path / "short.npy", nsamples=4, seqlen=32, progress=False)
+
+
+def test_model_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        quantize(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_nan_in_weight_is_named(tiny, tmp_path):
+    folder, calib = tiny
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.1.mlp.w2.weight"][3, 4] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.w2"):
+        quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inf_in_calibration_activations_is_named(tiny, tmp_path):
+    folder, calib = tiny
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.bias"][5] = float("inf")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj.*NaN or inf"):
+        quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False)
+
+
+def test_existing_output_needs_overwrite(tiny, tmp_path):
+    folder, calib = tiny
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False)
+    quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False, overwrite=True)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_cli_quantizes_and_names_output_like_qwen(tiny, tmp_path, monkeypatch, capsys):
+    folder, calib = tiny
+    named = tmp_path / "Qwen-Tiny-Chat"
+    folder.rename(named)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(named), "--bits", "8", "--group-size", "32", "--dataset", str(calib), "--nsamples", "4",
+                 "--seqlen", "32"]) == 0
+    assert (tmp_path / "Qwen-Tiny-Chat-Int8" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "GPTQ loss" in out and "total time" in out and "peak RSS" in out
+    assert main([str(named), "--bits", "8", "--group-size", "32", "--dataset", str(calib)]) == 2
+    assert "already exists" in capsys.readouterr().err
