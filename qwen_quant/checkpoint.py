@@ -152,11 +152,13 @@ def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", all
             for path in QUANTIZED_LINEARS:
                 owner, _, leaf = path.rpartition(".")
                 name = f"transformer.h.{i}.{path}"
+                dense = block.get_submodule(path)
                 setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
-                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None
-                      for t in ("qweight", "qzeros", "scales", "g_idx", "bias")),
+                    *(reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales")),
+                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in ("g_idx", "bias")),
                     bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
-                    backend=backend, dtype=dtype, device=device, name=name))
+                    backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
+                    out_features=dense.out_features))
     expected = {n for n, _ in model.named_parameters()}
     fill_module(model, reader, "", dtype, device)
     known = expected | {f"transformer.h.{i}.{p}.{t}" for i in range(config.num_hidden_layers)

@@ -189,8 +189,10 @@ class QwenForCausalLM(nn.Module):
     def alpha_for(self, total_len: int) -> float:
         return ntk_alpha(total_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
 
-    def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, T, vocab_rows] as fp32. Without input_pos: a whole sequence from position 0, no cache."""
+    def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab_rows] as fp32 ([B, 1, vocab_rows] with last_only, all generation needs).
+        Without input_pos: a whole sequence from position 0, no cache."""
         if input_pos is None:
             rope = self.rope_for(torch.arange(input_ids.shape[1], device=input_ids.device))
         else:
@@ -200,6 +202,8 @@ class QwenForCausalLM(nn.Module):
         x = self.transformer.wte(input_ids)
         for block in self.transformer.h:
             x = block(x, rope)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float()
 
     def setup_cache(self, batch: int, max_len: int, prompt_len: int) -> None:
@@ -238,9 +242,9 @@ class QwenForCausalLM(nn.Module):
         out = [ids]
         if use_cache:
             self.setup_cache(B, T + max_new_tokens, T)
-            logits = self(ids, torch.arange(T, device=self.device))[:, -1]
+            logits = self(ids, torch.arange(T, device=self.device), last_only=True)[:, -1]
         else:
-            logits = self(ids)[:, -1]
+            logits = self(ids, last_only=True)[:, -1]
         for step in range(max_new_tokens):
             token = self.sample(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, stop[0] if len(stop) else token, token)
@@ -253,7 +257,7 @@ class QwenForCausalLM(nn.Module):
             if use_cache:
                 logits = self(token[:, None], torch.tensor([T + step], device=self.device))[:, -1]
             else:
-                logits = self(torch.cat(out, dim=1))[:, -1]
+                logits = self(torch.cat(out, dim=1), last_only=True)[:, -1]
         return torch.cat(out, dim=1)
 
     def sample(self, logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

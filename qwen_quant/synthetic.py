@@ -5,8 +5,9 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import write_shards
-from .config import QwenConfig
+from .checkpoint import QUANTIZED_LINEARS, write_shards
+from .config import QuantConfig, QwenConfig
+from .packing import pack_qweight, pack_qzeros
 
 
 def tiny_config(**overrides) -> QwenConfig:
@@ -47,4 +48,35 @@ def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torc
     config.save(folder)
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
     write_shards(random_tensors(config, dtype, seed), folder, max_shard_bytes)
+    return folder
+
+
+def random_quantized_tensors(config: QwenConfig, quant: QuantConfig, seed: int = 0) -> Iterator:
+    """A random checkpoint in the published GPTQ layout: random codes, fp16 scales at the scale of a real layer."""
+    g = torch.Generator().manual_seed(seed)
+    for name, tensor in random_tensors(config, torch.float16, seed):
+        owner = name.rsplit(".", 1)[0]
+        if not any(owner.endswith(p) for p in QUANTIZED_LINEARS) or name.endswith(".bias"):
+            yield name, tensor
+        else:
+            n, k = tensor.shape
+            groups = k // quant.group_size if quant.group_size > 0 else 1
+            codes = torch.randint(0, 2**quant.bits, (k, n), generator=g, dtype=torch.int32)
+            zeros = torch.full((groups, n), 2 ** (quant.bits - 1), dtype=torch.int32) if quant.sym else \
+                torch.randint(1, 2**quant.bits, (groups, n), generator=g, dtype=torch.int32)
+            yield owner + ".qweight", pack_qweight(codes, quant.bits)
+            yield owner + ".qzeros", pack_qzeros(zeros, quant.bits, quant.checkpoint_format)
+            yield owner + ".scales", (torch.rand(groups, n, generator=g) * 2 * k**-0.5 / 2**quant.bits).half()
+            yield owner + ".g_idx", (torch.arange(k, dtype=torch.int32) // (k // groups))
+            if not owner.endswith("c_attn"):  # the published files carry a zero bias on the bias-free linears
+                yield owner + ".bias", torch.zeros(n, dtype=torch.float16)
+
+
+def save_random_quantized_checkpoint(folder, config: QwenConfig, quant: QuantConfig, seed: int = 0) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.torch_dtype = "float16"
+    config.quantization_config = quant
+    config.save(folder)
+    write_shards(random_quantized_tensors(config, quant, seed), folder)
     return folder

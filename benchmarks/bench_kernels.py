@@ -1,0 +1,152 @@
+"""Quantized matmul speed on the Qwen-7B linear shapes.
+
+CPU: QuantLinear's cpu backend (Int4 and Int8, group 128, symmetric) against dense bf16 F.linear at M = 1, 4, 16.
+CUDA (when present): the Triton kernels against fp16 / bf16 matmul at M = 1, 16, 64, 2048, with effective GB/s
+(bytes of packed weights + scales + zeros + activations read, per second) and its percent of the device's copy
+bandwidth measured here.
+
+    python benchmarks/bench_kernels.py [--quick] [--json results.json]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen_quant import packing
+from qwen_quant.qlinear import QuantLinear
+
+# (K, N) of attn.c_attn, attn.c_proj, mlp.w1 / w2, mlp.c_proj
+QWEN_7B_SHAPES = [(4096, 12288), (4096, 4096), (4096, 11008), (11008, 4096)]
+CPU_M = (1, 4, 16)
+CUDA_M = (1, 16, 64, 2048)
+GROUP_SIZE = 128
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    # Other processes distort CPU timings: the load average tells a reader whether the figures can be trusted.
+    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def symmetric_layer(K: int, N: int, bits: int, backend: str, device, dtype) -> QuantLinear:
+    """A random symmetric GPTQ layer, stored as a checkpoint stores it, then prepared for `backend`."""
+    groups = K // GROUP_SIZE
+    codes = torch.randint(0, 2 ** bits, (K, N), dtype=torch.int32)
+    zeros = torch.full((groups, N), 2 ** (bits - 1), dtype=torch.int32)
+    scales = (torch.rand(groups, N) * 0.01 + 0.001).half()
+    return QuantLinear.from_packed(packing.pack_qweight(codes, bits), packing.pack_qzeros(zeros, bits), scales,
+                                   None, None, bits=bits, group_size=GROUP_SIZE, backend=backend, dtype=dtype,
+                                   device=device)
+
+
+def time_ms_cpu(fn, repeats: int) -> tuple[float, float]:
+    """(median, min) wall time in ms; the min shows what a quiet machine would give when others are busy."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def bench_cpu(repeats: int) -> list:
+    rows = []
+    print(f"\nCPU: cpu backend (bf16 activations, g{GROUP_SIZE} sym) vs dense bf16 F.linear, median ms, speed-up, "
+          f"and min ms")
+    print(f"{'K x N':>13} {'M':>3} {'bf16':>8} {'int4':>8} {'int8':>8} {'int4 x':>7} {'int8 x':>7}   "
+          f"{'min bf16':>8} {'int4':>7} {'int8':>7}")
+    for K, N in QWEN_7B_SHAPES:
+        dense = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
+        int4 = symmetric_layer(K, N, 4, "cpu", "cpu", torch.bfloat16)
+        int8 = symmetric_layer(K, N, 8, "cpu", "cpu", torch.bfloat16)
+        for M in CPU_M:
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            times = {"bf16_dense": time_ms_cpu(lambda: F.linear(x, dense), repeats),
+                     "cpu_int4": time_ms_cpu(lambda: int4(x), repeats),
+                     "cpu_int8": time_ms_cpu(lambda: int8(x), repeats)}
+            t_dense, t4, t8 = (times[impl][0] for impl in ("bf16_dense", "cpu_int4", "cpu_int8"))
+            fastest = " ".join(f"{times[impl][1]:7.3f}" for impl in times)
+            print(f"{K:>6}x{N:<6} {M:>3} {t_dense:8.3f} {t4:8.3f} {t8:8.3f} {t_dense / t4:6.2f}x {t_dense / t8:6.2f}x  "
+                  f" {fastest}", flush=True)
+            rows += [dict(device="cpu", K=K, N=N, M=M, impl=impl, median_ms=median, min_ms=fastest,
+                          speedup_vs_bf16=t_dense / median) for impl, (median, fastest) in times.items()]
+        del dense, int4, int8
+    return rows
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth as a large copy achieves it (bytes read + written per second)."""
+    import triton.testing
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def bench_cuda(quick: bool) -> list:
+    import triton.testing
+    peak = copy_bandwidth_gbs()
+    print(f"\nCUDA: {torch.cuda.get_device_name()}, copy bandwidth {peak:.0f} GB/s; median ms, effective GB/s, "
+          f"% of copy bandwidth")
+    print(f"{'K x N':>13} {'M':>5} {'impl':>10} {'ms':>8} {'GB/s':>7} {'%bw':>5} {'vs fp16':>8}")
+    rows = []
+    rep = 20 if quick else 100
+    for K, N in QWEN_7B_SHAPES:
+        layers = {f"triton_int{bits}": symmetric_layer(K, N, bits, "triton", "cuda", torch.float16)
+                  for bits in (4, 8)}
+        dense = {dtype: torch.randn(N, K, dtype=dtype, device="cuda") * 0.02
+                 for dtype in (torch.float16, torch.bfloat16)}
+        for M in CUDA_M:
+            x = torch.randn(M, K, dtype=torch.float16, device="cuda")
+            x_bf16 = x.bfloat16()
+            runs = {"fp16": (lambda: F.linear(x, dense[torch.float16]), dense[torch.float16].nbytes),
+                    "bf16": (lambda: F.linear(x_bf16, dense[torch.bfloat16]), dense[torch.bfloat16].nbytes)}
+            for impl, layer in layers.items():
+                runs[impl] = (lambda layer=layer: layer(x), layer.memory_bytes())
+            times = {impl: triton.testing.do_bench(fn, rep=rep, return_mode="median") for impl, (fn, _) in runs.items()}
+            for impl, (_, weight_bytes) in runs.items():
+                gbs = (weight_bytes + x.nbytes) / (times[impl] * 1e-3) / 1e9
+                rows.append(dict(device="cuda", K=K, N=N, M=M, impl=impl, median_ms=times[impl], gbs=gbs,
+                                 pct_copy_bw=100 * gbs / peak, vs_fp16=times["fp16"] / times[impl]))
+                print(f"{K:>6}x{N:<6} {M:>5} {impl:>10} {times[impl]:8.4f} {gbs:7.0f} {100 * gbs / peak:5.1f} "
+                      f"{times['fp16'] / times[impl]:7.2f}x", flush=True)
+        del layers, dense
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    args = parser.parse_args()
+    info = machine()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    rows = bench_cpu(repeats=10 if args.quick else 50)
+    if torch.cuda.is_available():
+        rows += bench_cuda(args.quick)
+    info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    print(f"load average at the end: {info['load_avg_1min_end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

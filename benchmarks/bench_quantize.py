@@ -1,0 +1,190 @@
+"""Time and peak memory of qwen_quant.quantize (block-by-block GPTQ), each run in a fresh spawned process.
+
+Jobs:
+- stories260k_qwen (a real tiny Qwen): GPTQ and RTN, 4-bit g32, 128 x 128-token windows of its calib_ids.npy.
+- a random bf16 checkpoint with real Qwen shapes (--shape 1.8B: hidden 2048, MLP 5504, 16 heads; 7B: hidden 4096,
+  MLP 11008, 32 heads; 151936 vocab rows, untied lm_head) and only --layers blocks (default 2), GPTQ 4-bit g128 on
+  --nsamples x --seqlen windows (default 128 x 512) of the WikiText-2 test text tokenized with the real Qwen
+  tokenizer (copied into the temporary model folder), or of random ids (--calibration random); then RTN on it.
+  The team's target at 1.8B shapes: <= 20 s per block and <= 1.5 GiB peak RSS (GPTQModel 7.6.0: 61 s, 3.45 GiB).
+
+"s/block" is the wall time of one block: reading its weights, the calibration forwards and Hessians, GPTQ, the RTN
+comparison, packing, and saving the finished block; "total" also holds reading/embedding the calibration data and
+writing the output checkpoint. Peak RSS is the child process's ru_maxrss (torch and the script included), "above
+start" the part above its RSS before the job; on CUDA also torch.cuda.max_memory_allocated.
+--quick (CI, about two minutes on 2 cores): stories GPTQ + RTN, and 1 block of the 1.8B shapes on 32 x 512 tokens.
+
+    python benchmarks/bench_quantize.py [--quick] [--device cuda] [--shape 7B] [--json results.json]
+"""
+import argparse
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import GIB, add_common_args, cpu_seconds, isolated, machine, machine_line, peak_rss_bytes, \
+    shared_data_dir, table, write_json
+
+TARGET_S_PER_BLOCK, TARGET_PEAK_GIB = 20.0, 1.5  # at Qwen-1.8B shapes, 128 x 512 tokens, 4-bit g128, 2 cores
+PEER = "GPTQModel 7.6.0: 61 s per block, 3.45 GiB peak RSS for 1.45 GB of bf16 weights (REFERENCE.md section 5)"
+TIMED = ("embed_calibration", "fill_module", "quantize_block", "write_atomic", "write_shards")
+
+
+def make_checkpoint(folder: str, shape: str, layers: int) -> int:
+    from qwen_quant.published import SIZES
+    from qwen_quant.synthetic import save_random_checkpoint
+
+    config = SIZES[shape].config()
+    config.num_hidden_layers = layers
+    save_random_checkpoint(folder, config, torch.bfloat16, seed=0)
+    return checkpoint_bytes(folder)
+
+
+def checkpoint_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def quantize_job(model_dir: str, out_dir: str, settings: dict) -> dict:
+    """quantize() with its stages timed by wrapping the module's own functions (the code is unchanged)."""
+    import qwen_quant.quantize as q
+
+    seconds, cpu, peaks = defaultdict(list), defaultdict(list), defaultdict(list)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(cpu_seconds() - start_cpu)
+                peaks[name].append(peak_rss_bytes())
+        return wrapper
+
+    for name in TIMED:
+        setattr(q, name, timed(name, getattr(q, name)))
+    report = q.quantize(model_dir, out_dir, progress=False, overwrite=True, **settings)
+    n = len(seconds["fill_module"])
+    saves, saves_cpu = seconds["write_atomic"], cpu["write_atomic"]
+    blocks = [{"load_s": seconds["fill_module"][i], "quantize_s": seconds["quantize_block"][i],
+               "save_s": saves[2 * i] + saves[2 * i + 1], "peak_rss_after": peaks["write_atomic"][2 * i + 1],
+               "cpu_s": cpu["fill_module"][i] + cpu["quantize_block"][i] + saves_cpu[2 * i] + saves_cpu[2 * i + 1]}
+              for i in range(n)]
+    for b in blocks:
+        b["total_s"] = b["load_s"] + b["quantize_s"] + b["save_s"]
+    ratios = [r.loss / r.rtn_loss for r in report.layers if r.loss is not None and r.rtn_loss]
+    return {"seconds": report.seconds, "blocks": blocks,
+            "embed_s": sum(seconds["embed_calibration"]), "export_s": sum(seconds["write_shards"]),
+            "peak_rss_after_embed": max(peaks["embed_calibration"], default=0),
+            "peak_rss_bytes": report.peak_rss_bytes, "peak_cuda_bytes": report.peak_cuda_bytes,
+            "output_bytes": report.output_bytes, "min_tokens": min((r.tokens for r in report.layers), default=0),
+            "gptq_rtn_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "layers": [{"name": r.name, "shape": list(r.shape), "tokens": r.tokens, "loss": r.loss,
+                        "rtn_loss": r.rtn_loss, "seconds": r.seconds} for r in report.layers]}
+
+
+def run(label: str, model_dir, out_dir, weights: int, settings: dict) -> dict:
+    print(f"running {label} ...", flush=True)
+    child = isolated(quantize_job, str(model_dir), str(out_dir), settings)
+    r = child["result"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    blocks = r["blocks"]
+    row = {"job": label, "method": settings["method"], "bits": settings["bits"], "group_size": settings["group_size"],
+           "nsamples": settings.get("nsamples"), "seqlen": settings.get("seqlen"), "blocks": len(blocks),
+           "total_s": r["seconds"], "cpu_s": child["cpu_seconds"],
+           "s_per_block": sum(b["total_s"] for b in blocks) / len(blocks),
+           "cpu_s_per_block": sum(b["cpu_s"] for b in blocks) / len(blocks),
+           "max_s_per_block": max(b["total_s"] for b in blocks), "embed_s": r["embed_s"], "export_s": r["export_s"],
+           "peak_rss_bytes": child["peak_rss_bytes"], "peak_rss_gib": child["peak_rss_bytes"] / GIB,
+           "baseline_rss_bytes": child["baseline_rss_bytes"],
+           "above_start_gib": child["peak_rss_above_baseline_bytes"] / GIB,
+           "peak_cuda_gib": child["peak_cuda_bytes"] / GIB if child["peak_cuda_bytes"] else None,
+           "weights_bytes": weights, "weights_gb": weights / 1e9, "peak_per_weights": child["peak_rss_bytes"] / weights,
+           "gptq_rtn_ratio": r["gptq_rtn_ratio"], "min_tokens": r["min_tokens"], "detail": r}
+    print(f"  {row['total_s']:.1f} s total, {row['s_per_block']:.2f} s/block, peak RSS {row['peak_rss_gib']:.2f} GiB",
+          flush=True)
+    return row
+
+
+def calibration_source(kind: str, model_dir: Path, data: Path, tmp: Path):
+    if kind == "wikitext":
+        shutil.copyfile(data / "qwen_tiktoken" / "qwen.tiktoken", model_dir / "qwen.tiktoken")  # temp folder only
+        return str(data / "wikitext2" / "raw_test_hf_joined" / "wikitext-test.txt")
+    ids = tmp / "random_ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 151851, size=2**20, dtype=np.int64))
+    return str(ids)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--shape", choices=("1.8B", "7B"), default="1.8B", help="shapes of the random model's blocks")
+    parser.add_argument("--layers", type=int, help="blocks of the random model (default 2, --quick 1)")
+    parser.add_argument("--nsamples", type=int, help="calibration windows of the random model (default 128, --quick 32)")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calibration", choices=("wikitext", "random"), default="wikitext")
+    parser.add_argument("--skip-stories", action="store_true")
+    parser.add_argument("--skip-rtn", action="store_true", help="no RTN run on the random model")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    layers = args.layers or (1 if args.quick else 2)
+    nsamples = args.nsamples or (32 if args.quick else 128)
+    data = shared_data_dir()
+    info = machine()
+    print(machine_line(info))
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_quantize_") as tmp:
+        tmp = Path(tmp)
+        if not args.skip_stories:
+            stories = data / "stories260k_qwen"
+            weights = checkpoint_bytes(stories)
+            for method in ("gptq", "rtn"):
+                settings = dict(bits=4, group_size=32, method=method, device=args.device, nsamples=128, seqlen=128,
+                                calibration=str(stories / "calib_ids.npy"))
+                rows.append(run(f"stories260k {method.upper()} 4-bit g32", stories, tmp / "out", weights, settings))
+
+        model_dir = tmp / f"qwen_{args.shape}_{layers}"
+        print(f"writing a random Qwen-{args.shape}-shaped checkpoint, {layers} blocks, bf16 ...", flush=True)
+        weights = isolated(make_checkpoint, str(model_dir), args.shape, layers)["result"]
+        calibration = calibration_source(args.calibration, model_dir, data, tmp)
+        for method in ("gptq",) + (() if args.skip_rtn or args.quick else ("rtn",)):
+            settings = dict(bits=4, group_size=128, method=method, device=args.device, nsamples=nsamples,
+                            seqlen=args.seqlen, calibration=calibration)
+            rows.append(run(f"Qwen-{args.shape} shapes x{layers} {method.upper()} 4-bit g128", model_dir, tmp / "out",
+                            weights, settings))
+
+    print()
+    print(machine_line(info))
+    print(f"random model: Qwen-{args.shape} shapes, {layers} block(s), 151936 vocab rows, bf16; calibration "
+          f"{nsamples} x {args.seqlen} tokens ({args.calibration}); device {args.device}")
+    columns = [("job", "job", ""), ("nsamples", "samples", "d"), ("seqlen", "seqlen", "d"), ("blocks", "blocks", "d"),
+               ("total_s", "total s", ".1f"), ("s_per_block", "s/block", ".2f"),
+               ("cpu_s_per_block", "cpu s/block", ".2f"), ("embed_s", "calib s", ".1f"),
+               ("export_s", "export s", ".1f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
+               ("above_start_gib", "above start GiB", ".2f"), ("weights_gb", "weights GB", ".3f"),
+               ("peak_per_weights", "peak/weights", ".2f"), ("gptq_rtn_ratio", "GPTQ/RTN err", ".3f")]
+    if args.device.startswith("cuda"):
+        columns.insert(9, ("peak_cuda_gib", "peak CUDA GiB", ".2f"))
+    print(table(rows, columns))
+    print("s/block: mean wall time of a block (read + calibrate + quantize + pack + save); cpu s/block: its CPU time "
+          f"(all {torch.get_num_threads()} threads); calib s: reading, tokenizing and embedding the calibration windows; "
+          "export s: writing the output checkpoint")
+    for row in rows:
+        if row["job"].startswith("Qwen-1.8B") and row["method"] == "gptq" and args.device == "cpu":
+            ok = row["s_per_block"] <= TARGET_S_PER_BLOCK and row["peak_rss_gib"] <= TARGET_PEAK_GIB
+            print(f"{'MEETS' if ok else 'MISSES'} the target ({TARGET_S_PER_BLOCK:g} s/block, {TARGET_PEAK_GIB:g} GiB): "
+                  f"{row['s_per_block']:.1f} s/block, {row['peak_rss_gib']:.2f} GiB "
+                  f"({row['nsamples']} x {row['seqlen']} tokens, {row['blocks']} block(s)); peer: {PEER}")
+    write_json(args.json, {"benchmark": "bench_quantize", "machine": info, "quick": args.quick, "device": args.device,
+                           "shape": args.shape, "layers": layers, "calibration": args.calibration, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

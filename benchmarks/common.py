@@ -1,0 +1,132 @@
+"""Shared helpers of the benchmark scripts: the machine, peak memory of one job in a fresh process, tables, --json.
+
+    from common import GIB, add_common_args, isolated, machine, machine_line, shared_data_dir, table, write_json
+
+`isolated(fn, *args, **kwargs)` runs `fn` (a module-level function; arguments and result picklable) in a freshly
+spawned Python process, so the memory it reports belongs to that job alone. The child records its RSS before the
+job (torch and the script already imported) and its high-water mark `ru_maxrss` after it; on CUDA also
+`torch.cuda.max_memory_allocated` (reset before the job).
+"""
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+MIB = 2**20
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, torch version and threads, GPU name when there is one."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": cores, "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_line(info: dict = None) -> str:
+    info = info or machine()
+    gpu = f", GPU {info['gpu']} (CUDA {info['cuda']})" if "gpu" in info else ""
+    line = (f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} "
+            f"({info['torch_threads']} threads), Python {info['python']}{gpu}; load average {info['load_avg_1min']}")
+    if info["load_avg_1min"] > 0.5 * info["cores"]:
+        line += "\nWARNING: other processes are using the CPUs: wall times are inflated (cpu s is steadier)"
+    return line
+
+
+def rss_bytes() -> int:
+    """Current resident set size (anonymous + file-backed pages) of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_parts() -> dict:
+    """Current RssAnon / RssFile / RssShmem of this process in bytes (Linux)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon", "RssFile", "RssShmem")):
+                key, value = line.split(":")
+                parts[key.strip()] = int(value.split()[0]) * 1024
+    return parts
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_child(fn, args, kwargs) -> dict:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    baseline, baseline_peak = rss_bytes(), peak_rss_bytes()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    peak = peak_rss_bytes()
+    return {"result": result, "seconds": seconds, "cpu_seconds": cpu, "baseline_rss_bytes": baseline,
+            "baseline_peak_rss_bytes": baseline_peak, "peak_rss_bytes": peak,
+            "peak_rss_above_baseline_bytes": peak - baseline,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda and torch.cuda.is_initialized() else 0}
+
+
+def isolated(fn, *args, **kwargs) -> dict:
+    """Run fn(*args, **kwargs) in a fresh spawned process. Returns {"result", "seconds", "cpu_seconds" (user + system,
+    all threads), "baseline_rss_bytes",
+    "peak_rss_bytes", "peak_rss_above_baseline_bytes", "peak_cuda_bytes"}; an exception in the child is raised
+    here with the child's traceback."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run_child, fn, args, kwargs).result()
+
+
+def table(rows: list, columns: list) -> str:
+    """Rows (dicts) as a text table; columns are (key, header, format) with format like '.2f' or '' ."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else format(row[key], fmt) for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def shared_data_dir() -> Path:
+    """The team's real data: $QWEN_QUANT_DATA, else ../shared/data beside the checkout (as the tests read it)."""
+    root = Path(os.environ.get("QWEN_QUANT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (root / "stories260k_qwen" / "config.json").is_file():
+        raise SystemExit(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding stories260k_qwen/")
+    return root
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="CI-sized run (a minute or two on 2 cores)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results and the machine to this JSON file")
+
+
+def write_json(path, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"results written to {path}")

@@ -1,0 +1,504 @@
+"""QuantLinear: one GPTQ-quantized linear layer, its matmul run by the fastest backend for its device.
+
+Build it with `QuantLinear.from_packed` from a checkpoint's qweight / qzeros / scales / g_idx / bias. That validates
+every tensor, sorts act-order weights by group once (forward then gathers x[..., perm]), and prepares one backend:
+
+- "torch": dequantize-then-matmul on any device; the reference, and the path for 2 / 3-bit weights and for g_idx
+  whose groups are not equal contiguous runs after sorting.
+- "triton": the kernels of qwen_quant.kernels for Int4 / Int8 on CUDA (or on CPU under TRITON_INTERPRET=1).
+- "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there).
+- "auto": triton on CUDA for 4 / 8 bits, cpu on CPU where its kernels accept the layout, else torch.
+
+Backends are subclasses of QuantLinear; all of them take x [..., K] in any float dtype and return [..., N] in x's
+dtype. The backend is chosen for the device the module is built on (from_packed's `device`), because the cpu and
+triton layouts only run there: `.to()` moves a torch-backend module anywhere, the others only within their device
+type. Float dtype changes (`model.half()`) are harmless: the cpu backend keeps its float tensors as integer bits.
+The tensors are non-persistent buffers: their layouts are backend-specific, so state_dict() leaves them out and a
+module is always rebuilt from the checkpoint with from_packed.
+"""
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qwen_quant import packing
+
+logger = logging.getLogger("qwen_quant")
+
+BACKENDS = ("auto", "torch", "triton", "cpu")
+TRITON_BITS = (4, 8)
+CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts, largest first
+CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage or crashes unless K is a multiple of 16 (measured)
+
+
+@dataclass
+class SortedGptqWeight:
+    """A validated GPTQ weight with its input rows in group order: what every backend is prepared from."""
+    qweight: torch.Tensor  # int32 [K * bits / 32, N], rows sorted by group
+    zeros: torch.Tensor  # int32 [G, N], true zero points
+    scales: torch.Tensor  # float [G, N]
+    row_group: Optional[torch.Tensor]  # int64 [K], group of each sorted row; None when row k is in group k // group
+    bits: int
+    group: int  # rows per group; K when the checkpoint has one group per channel (group_size -1)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return bool((self.zeros == 2 ** (self.bits - 1)).all())
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """qweight int32 [K * bits / 32, N] -> codes int32 [K, N] on qweight's device (packing.unpack_qweight runs on
+    the CPU in int64; this is the per-call path of the torch backend)."""
+    values, words = packing.values_per_period(bits)
+    rows, n = qweight.shape
+    mask = (1 << bits) - 1
+    if words == 1:
+        shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
+        # Arithmetic shifts of negative words are harmless: the mask keeps only bits from inside the word.
+        return ((qweight.view(rows, 1, n) >> shifts.view(1, -1, 1)) & mask).view(rows * values, n)
+    # 3 bits: 32 codes in 3 words, a code crossing a word boundary takes its high bits from the next word.
+    periods = qweight.view(rows // words, words, n)
+    out = torch.empty(rows // words, values, n, dtype=torch.int32, device=qweight.device)
+    for j in range(values):
+        word, shift = divmod(bits * j, 32)
+        code = periods[:, word] >> shift
+        if shift + bits > 32:
+            code = (code & ((1 << (32 - shift)) - 1)) | (periods[:, word + 1] << (32 - shift))
+        out[:, j] = code & mask
+    return out.view(rows // words * values, n)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of unpack_codes, on codes' device (packing.pack_qweight runs on the CPU in int64, several times
+    slower: this repacks act-order weights at load time)."""
+    values, words = packing.values_per_period(bits)
+    k, n = codes.shape
+    periods = codes.to(torch.int32).view(k // values, values, n)
+    out = torch.zeros(k // values, words, n, dtype=torch.int32, device=codes.device)
+    for j in range(values):
+        word, shift = divmod(bits * j, 32)
+        out[:, word] |= periods[:, j] << shift  # int32 shifts drop the bits beyond 32 ...
+        if shift + bits > 32:
+            out[:, word + 1] |= periods[:, j] >> (32 - shift)  # ... which continue in the next word
+    return out.view(k // values * words, n)
+
+
+def _label(name: str, tensor: str) -> str:
+    return f"{name}.{tensor}" if name else tensor
+
+
+def _check_tensor(t, label, dtypes, shape, context):
+    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+        need = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{label} has shape {list(t.shape)} and dtype {str(t.dtype).removeprefix('torch.')} "
+                         f"but {context} need {list(shape)} of {need}")
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.int32, torch.int64)
+
+
+def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size, checkpoint_format,
+                      in_features, out_features, name) -> tuple[SortedGptqWeight, Optional[torch.Tensor]]:
+    """Check every tensor against (K, N, bits, group) and sort the input rows by group.
+
+    Returns the sorted weight and perm (int64 [K]: sorted row i is the checkpoint's input perm[i]), or None when
+    g_idx is already in order."""
+    if bits not in packing.SUPPORTED_BITS:
+        raise ValueError(f"{_label(name, 'qweight')}: bits={bits} is not supported, choose one of "
+                         f"{packing.SUPPORTED_BITS}")
+    packing.check_format(checkpoint_format)
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"{name or 'layer'}: group_size={group_size} must be -1 (per channel) or positive")
+    if qweight.dim() != 2:
+        raise ValueError(f"{_label(name, 'qweight')} must be 2-D, got shape {list(qweight.shape)}")
+    K = in_features if in_features is not None else qweight.shape[0] * 32 // bits
+    N = out_features if out_features is not None else qweight.shape[1]
+    per_word, _ = packing.values_per_period(bits)
+    for dim, size in (("in_features", K), ("out_features", N)):
+        if size % per_word:
+            raise ValueError(f"{name or 'layer'}: {dim}={size} is not a multiple of {per_word}, so {bits}-bit "
+                             f"codes cannot be packed into whole int32 words")
+    group = K if group_size == -1 else group_size
+    G = -(-K // group)
+    context = f"bits={bits}, group_size={group_size}, in_features={K}, out_features={N}"
+    _check_tensor(qweight, _label(name, "qweight"), (torch.int32,), (K * bits // 32, N), context)
+    _check_tensor(qzeros, _label(name, "qzeros"), (torch.int32,), (G, N * bits // 32), context)
+    _check_tensor(scales, _label(name, "scales"), _FLOATS, (G, N), context)
+    if bias is not None:
+        _check_tensor(bias, _label(name, "bias"), _FLOATS, (N,), context)
+    if g_idx is None:
+        g_idx = torch.arange(K, device=qweight.device) // group
+    _check_tensor(g_idx, _label(name, "g_idx"), _INTS, (K,), context)
+    g_idx = g_idx.long()
+    if K and (g_idx.min() < 0 or g_idx.max() >= G):
+        raise ValueError(f"{_label(name, 'g_idx')} has values in [{int(g_idx.min())}, {int(g_idx.max())}] but "
+                         f"{context} give {G} groups: need values in [0, {G - 1}]")
+    largest = int(torch.bincount(g_idx, minlength=G).max()) if K else 0
+    if largest > group:
+        raise ValueError(f"{_label(name, 'g_idx')} puts {largest} inputs in one group but group_size={group_size}")
+
+    perm = torch.argsort(g_idx, stable=True)
+    row_group = g_idx[perm]
+    if torch.equal(perm, torch.arange(K, device=perm.device)):
+        perm = None
+    if perm is not None:
+        # Act-order: permute the input rows once, here, so every kernel sees contiguous groups.
+        qweight = pack_codes(unpack_codes(qweight, bits)[perm], bits)
+    standard = torch.equal(row_group, torch.arange(K, device=row_group.device) // group)
+    zeros = packing.unpack_qzeros(qzeros.cpu(), bits, checkpoint_format).to(qzeros.device)
+    sorted_weight = SortedGptqWeight(qweight=qweight, zeros=zeros, scales=scales,
+                                     row_group=None if standard else row_group, bits=bits, group=group)
+    return sorted_weight, perm
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_int4_group(group: int, K: int) -> Optional[int]:
+    """The int4pack group size serving GPTQ groups of `group` rows: it must divide both (a GPTQ group or a whole
+    channel is then split into several kernel groups sharing one scale)."""
+    return next((g for g in CPU_INT4_GROUPS if group % g == 0 and K % g == 0), None)
+
+
+def unsupported_reason(backend: str, w: SortedGptqWeight, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run this weight on `device`, or None when it can."""
+    if backend == "torch":
+        return None
+    if w.row_group is not None:
+        return "g_idx does not form equal contiguous groups after sorting"
+    if backend == "triton":
+        if w.bits not in TRITON_BITS:
+            return f"the Triton kernels handle {TRITON_BITS} bits, not {w.bits}"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            return f"Triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU), not {device}"
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on the CPU, not {device}"
+        if w.bits == 8 and w.scales.shape[0] == 1:
+            if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+                return f"torch {torch.__version__} has no _weight_int8pack_mm"
+            if w.in_features % CPU_INT8_K_MULTIPLE:
+                return f"int8pack_mm needs in_features to be a multiple of {CPU_INT8_K_MULTIPLE}"
+            return None
+        if w.bits in (4, 8):  # grouped Int8 runs as two Int4 halves, see CpuInt8QuantLinear
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
+            if w.out_features % 16:
+                return f"int4pack needs out_features divisible by 16, got {w.out_features}"
+            if cpu_int4_group(w.group, w.in_features) is None:
+                return (f"int4pack needs a group size in {CPU_INT4_GROUPS} dividing both the GPTQ group "
+                        f"({w.group}) and in_features ({w.in_features})")
+            return None
+        return f"the cpu backend handles 4 and 8 bits, not {w.bits}"
+    raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
+
+
+def choose_backend(w: SortedGptqWeight, device: torch.device) -> tuple[str, dict]:
+    """The fastest backend that can run `w` on `device`, and why each faster one was passed over."""
+    fast = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+    if fast is None:
+        return "torch", {}
+    reason = unsupported_reason(fast, w, device)
+    return ("torch", {fast: reason}) if reason else (fast, {})
+
+
+_LOGGED_CHOICES: set = set()
+
+
+def _log_choice_once(backend: str, passed_over: dict, w: SortedGptqWeight, device: torch.device, name: str):
+    key = (backend, tuple(sorted(passed_over.items())), w.bits, w.group, device.type)
+    if key in _LOGGED_CHOICES:
+        return
+    _LOGGED_CHOICES.add(key)
+    why = "; ".join(f"not {b}: {r}" for b, r in passed_over.items())
+    logger.info("QuantLinear %s (bits=%d, group=%d, %s): backend %s%s", name or "", w.bits, w.group, device.type,
+                backend, f" ({why})" if why else "")
+
+
+class QuantLinear(nn.Module):
+    """A GPTQ-quantized linear layer, y = x @ W^T + bias. Build it with `from_packed`.
+
+    Each backend subclass provides `_matmul(x2)`: x [M, K] with inputs in sorted order -> [M, N] in x's dtype, bias
+    included; and `_sorted_weight_kn()`: the weight it applies, fp32 [K, N], rows in sorted order."""
+
+    backend = ""
+
+    def __init__(self, w: SortedGptqWeight, perm: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 dtype: torch.dtype, group_size: int, name: str):
+        super().__init__()
+        self.in_features = w.in_features
+        self.out_features = w.out_features
+        self.bits = w.bits
+        self.group_size = group_size
+        self.name = name
+        self._buffer("perm", perm)
+        self._buffer("bias", None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, bits: int, group_size: int,
+                    checkpoint_format: str = "gptq", backend: str = "auto", dtype: torch.dtype = torch.float16,
+                    name: str = "", device=None, in_features: Optional[int] = None,
+                    out_features: Optional[int] = None) -> "QuantLinear":
+        """Validate a checkpoint's tensors and prepare one backend on `device` (default: qweight's device).
+
+        g_idx None means k // group_size. `dtype` is the activation dtype the layer is meant for: scales, zeros and
+        bias are stored in it (the cpu backend always computes in bf16). in_features / out_features, when given, are
+        checked against the tensors; otherwise they are read from qweight."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
+        device = torch.device(device) if device is not None else qweight.device
+        qweight, qzeros, scales = (t.to(device).contiguous() for t in (qweight, qzeros, scales))
+        g_idx = g_idx.to(device) if g_idx is not None else None
+        bias = bias.to(device) if bias is not None else None
+        w, perm = validate_and_sort(qweight, qzeros, scales, g_idx, bias, bits=bits, group_size=group_size,
+                                    checkpoint_format=checkpoint_format, in_features=in_features,
+                                    out_features=out_features, name=name)
+        if backend == "auto":
+            backend, passed_over = choose_backend(w, device)
+            _log_choice_once(backend, passed_over, w, device, name)
+        else:
+            reason = unsupported_reason(backend, w, device)
+            if reason:
+                raise ValueError(f"{name or 'layer'}: backend {backend!r} cannot run this weight: {reason}")
+        if backend == "cpu":
+            impl = CpuInt4QuantLinear if w.bits == 4 else CpuInt8QuantLinear
+        else:
+            impl = TritonQuantLinear if backend == "triton" else TorchQuantLinear
+        return impl(w, perm, bias, dtype, group_size, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'QuantLinear'} expects {self.in_features} input features, "
+                             f"got x of shape {list(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        return self._matmul(x2).reshape(*lead, self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight this module applies, fp32 [N, K] in the checkpoint's input order. The cpu backend's scales are
+        rounded to bf16, as its kernels use them, and its int4pack codes are read back through a K x K x N matmul:
+        to fold a whole model back to full precision use the torch backend (or packing.dequantize)."""
+        w_kn = self._sorted_weight_kn()
+        if self.perm is not None:
+            w_kn = w_kn[torch.argsort(self.perm)]
+        return w_kn.t().contiguous()
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor this module holds."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, backend={self.backend}, act_order={self.perm is not None}, "
+                f"bias={self.bias is not None}")
+
+    def _buffer(self, name: str, tensor: Optional[torch.Tensor]) -> None:
+        # Non-persistent: the layouts are backend- (even CPU-) specific, so state_dict() must not save them; a module
+        # is always built from the checkpoint's tensors with from_packed. .to() still moves them.
+        self.register_buffer(name, tensor, persistent=False)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y.add_(self.bias) if self.bias is not None else y
+
+
+class TorchQuantLinear(QuantLinear):
+    """Dequantize to fp32 on every call, then matmul in x's dtype: any device, any bits, any g_idx."""
+
+    backend = "torch"
+
+    def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
+        super().__init__(w, perm, bias, dtype, group_size, name)
+        self.group = w.group
+        self._buffer("qweight", w.qweight)
+        self._buffer("scales", w.scales.to(dtype))
+        # Integer zeros are exact in fp16 / bf16; symmetric weights need none (the zero is 2^(bits-1)).
+        self._buffer("zeros", None if w.symmetric else w.zeros.to(dtype))
+        self._buffer("row_group", w.row_group)
+
+    def _sorted_weight_kn(self) -> torch.Tensor:
+        codes = unpack_codes(self.qweight, self.bits).to(torch.float32)
+        scales = self.scales.to(torch.float32)
+        zeros = self.zeros.to(torch.float32) if self.zeros is not None else None
+        K, G = self.in_features, scales.shape[0]
+        if self.row_group is None and K == G * self.group:
+            grouped = codes.view(G, self.group, -1)
+            zero = zeros[:, None] if zeros is not None else 2 ** (self.bits - 1)
+            return ((grouped - zero) * scales[:, None]).view(K, -1)
+        rows = self.row_group if self.row_group is not None else torch.arange(K, device=codes.device) // self.group
+        zero = zeros[rows] if zeros is not None else 2 ** (self.bits - 1)
+        return (codes - zero) * scales[rows]
+
+    def _matmul(self, x2):
+        return self._add_bias(x2 @ self._sorted_weight_kn().to(x2.dtype))
+
+
+class TritonQuantLinear(TorchQuantLinear):
+    """The Triton Int4 / Int8 kernels; holds the same tensors as the torch backend (GPTQ-packed sorted rows, scales
+    and zeros in the activation dtype, no zeros when symmetric)."""
+
+    backend = "triton"
+
+    def __init__(self, w, perm, bias, dtype, group_size, name):
+        super().__init__(w, perm, bias, dtype, group_size, name)
+        # Imported here: defining the kernels imports Triton, which CPU-only users never need.
+        from qwen_quant.kernels.gptq_matmul import gptq_matmul
+        self._kernel = gptq_matmul
+
+    def _matmul(self, x2):
+        return self._kernel(x2, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
+                            group_size=self.group)
+
+
+def _check_cpu(module: QuantLinear, x: torch.Tensor) -> None:
+    if x.device.type != "cpu":
+        raise RuntimeError(f"{module.name or 'QuantLinear'} was prepared for the cpu backend but got x on "
+                           f"{x.device}: build it with from_packed(device=...) for that device")
+
+
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def _float_bits(t: torch.Tensor) -> torch.Tensor:
+    # The cpu backend keeps its float tensors as integer bit patterns so that module.half() / .to(dtype) cannot
+    # convert them: its kernels need exactly bf16, and the fp32 zero terms should not lose precision.
+    return t.view(_SAME_WIDTH_INT[t.dtype])
+
+
+def _int4pack(codes_nk: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.to(torch.int32).contiguous(), 1)
+
+
+def _int4pack_codes(packed: torch.Tensor, kernel_group: int, K: int, N: int, rows_per_call: int = 512):
+    """The 4-bit codes [K, N] (fp32) of an int4pack weight, read back through the kernel itself since the packed
+    layout depends on the CPU's vector width: identity rows with scale 1 and zero 8 return each code exactly.
+    This costs a K x K x N matmul (seconds for a 4096 x 4096 layer): fine for tests, slow for a whole model."""
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(K // kernel_group, N, 2).contiguous()
+    codes = []
+    for start in range(0, K, rows_per_call):
+        rows = torch.arange(start, min(start + rows_per_call, K))
+        identity_rows = torch.zeros(len(rows), K, dtype=torch.bfloat16)
+        identity_rows[torch.arange(len(rows)), rows] = 1
+        codes.append(torch.ops.aten._weight_int4pack_mm_for_cpu(identity_rows, packed, kernel_group, unit))
+    return torch.cat(codes).to(torch.float32)
+
+
+class CpuInt4QuantLinear(QuantLinear):
+    """torch's _weight_int4pack_mm_for_cpu. Its dequantization is (q - 8) * scale + zero, so a GPTQ zero z becomes
+    zero = (8 - z) * scale; scales and zeros are rounded to bf16 (the kernel's dtype)."""
+
+    backend = "cpu"
+
+    def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
+        super().__init__(w, perm, bias, dtype, group_size, name)
+        K = w.in_features
+        self.kernel_group = cpu_int4_group(w.group, K)
+        # Each GPTQ group's scale and zero serve every kernel group it splits into.
+        rows = torch.arange(0, K, self.kernel_group, device=w.scales.device) // w.group
+        scales = w.scales.to(torch.float32)[rows]
+        zeros = (8 - w.zeros[rows].to(torch.float32)) * scales
+        self._buffer("scales_and_zeros", _float_bits(torch.stack([scales, zeros], -1).to(torch.bfloat16)))
+        self._buffer("weight_int4pack", _int4pack(w.codes().t()))
+
+    def _matmul(self, x2):
+        _check_cpu(self, x2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
+                                                       self.kernel_group, self.scales_and_zeros.view(torch.bfloat16))
+        return self._add_bias(y.to(x2.dtype))
+
+    def _sorted_weight_kn(self):
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
+        rows = torch.arange(self.in_features) // self.kernel_group
+        codes = _int4pack_codes(self.weight_int4pack, self.kernel_group, self.in_features, self.out_features)
+        return (codes - 8) * scales_and_zeros[rows, :, 0] + scales_and_zeros[rows, :, 1]
+
+
+class CpuInt8QuantLinear(QuantLinear):
+    """Int8 on the CPU. Codes are shifted to q' = q - 128, so W = (q - z) * s = (q' - z') * s with z' = z - 128;
+    the kernels apply q' * s and asymmetric zeros cost one small fp32 matmul, y -= group_sums(x) @ (z' * s).
+
+    One group per channel: torch's _weight_int8pack_mm (int8 [N, K], a bf16 scale per channel), one call.
+    Grouped: _weight_int8pack_mm has no group scales, and one call per group was slower than this (measured; see
+    benchmarks/bench_kernels.py): each code is split into nibbles, q = 16 hi + lo, and both halves run as one int4pack
+    call over [x | x] with hi's scale 16 s and zero 0, lo's scale s and zero 8 s. int4pack's (c - 8) * scale + zero
+    then sums to 16 s hi - 128 s + s lo = q' s, exactly (16 s and 8 s are exact in bf16)."""
+
+    backend = "cpu"
+
+    def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
+        super().__init__(w, perm, bias, dtype, group_size, name)
+        K, N, G = w.in_features, w.out_features, w.scales.shape[0]
+        self.group = w.group if G > 1 else K
+        scales = w.scales.to(torch.bfloat16)
+        self._buffer("zero_scales",
+                             None if w.symmetric else _float_bits((w.zeros - 128) * scales.to(torch.float32)))
+        codes_nk = w.codes().t()
+        if G == 1:
+            self.kernel_group = None
+            self._buffer("weight_int8", (codes_nk - 128).to(torch.int8).contiguous())
+            self._buffer("scales", _float_bits(scales[0]))
+            return
+        self.kernel_group = cpu_int4_group(w.group, K)
+        rows = torch.arange(0, K, self.kernel_group, device=scales.device) // w.group
+        hi = torch.stack([scales[rows] * 16, torch.zeros_like(scales[rows])], -1)
+        lo = torch.stack([scales[rows], scales[rows] * 8], -1)
+        self._buffer("scales_and_zeros", _float_bits(torch.cat([hi, lo])))
+        self._buffer("weight_int4pack", _int4pack(torch.cat([codes_nk >> 4, codes_nk & 15], dim=1)))
+
+    def _matmul(self, x2):
+        _check_cpu(self, x2)
+        xb = x2.to(torch.bfloat16).contiguous()
+        if self.kernel_group is None:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight_int8, self.scales.view(torch.bfloat16))
+        else:
+            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([xb, xb], dim=1), self.weight_int4pack,
+                                                           self.kernel_group, scales_and_zeros)
+        if self.zero_scales is None:
+            return self._add_bias(y.to(x2.dtype))
+        zero_scales = self.zero_scales.view(torch.float32)
+        group_sums = _group_sums(xb, self.group, zero_scales.shape[0])
+        return self._add_bias((y.to(torch.float32) - group_sums @ zero_scales).to(x2.dtype))
+
+    def _sorted_weight_kn(self):
+        K, N = self.in_features, self.out_features
+        if self.kernel_group is None:
+            w = self.weight_int8.t().to(torch.float32) * self.scales.view(torch.bfloat16).to(torch.float32)
+        else:
+            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
+            rows = torch.arange(2 * K) // self.kernel_group
+            nibbles = _int4pack_codes(self.weight_int4pack, self.kernel_group, 2 * K, N)
+            w = ((nibbles - 8) * scales_and_zeros[rows, :, 0] + scales_and_zeros[rows, :, 1]).view(2, K, N).sum(0)
+        if self.zero_scales is not None:
+            w = w - self.zero_scales.view(torch.float32)[torch.arange(K) // self.group]
+        return w
+
+
+def _group_sums(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
+    """Sum of x [M, K] over each group of inputs, fp32 [M, groups]; the last group may be short."""
+    x = x.to(torch.float32)
+    if x.shape[1] < groups * group:
+        x = torch.nn.functional.pad(x, (0, groups * group - x.shape[1]))
+    return x.view(x.shape[0], groups, group).sum(-1)

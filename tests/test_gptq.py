@@ -1,0 +1,269 @@
+import warnings
+
+import pytest
+import torch
+
+from qwen_quant import packing
+from qwen_quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, grid_params, rtn_quantize
+
+K, N = 256, 64
+
+
+def correlated_layer(seed: int, k: int = K, n: int = N, tokens: int = 1024):
+    """Weight [n, k] and the Hessian 2/t * X^T X of correlated activations X = Z A."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen) @ torch.randn(k, k, generator=gen)
+    return torch.randn(n, k, generator=gen), 2 / tokens * x.t() @ x
+
+
+def output_error(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor) -> float:
+    e = (weight - result.dequantize()).double()
+    return float(torch.trace(e @ hessian.double() @ e.t()) / (2 * weight.shape[0]))
+
+
+def reference_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """Plain min/max round-to-nearest, one group at a time: (codes [N, K], scales [G, N], zeros [G, N])."""
+    maxq = 2**bits - 1
+    n, k = weight.shape
+    g = group_size if group_size > 0 else k
+    groups = weight.reshape(n, k // g, g)
+    low = groups.amin(dim=2).clamp(max=0)
+    high = groups.amax(dim=2).clamp(min=0)
+    if sym:
+        high = torch.maximum(high, -low)
+        low = -high
+    scale = (high - low) / maxq
+    scale[scale == 0] = 1
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-low / scale)
+    codes = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, maxq)
+    return codes.reshape(n, k).int(), scale.t(), zero.t().int()
+
+
+def reference_gptq(weight, hessian, bits, group_size, sym, damp_percent=0.01):
+    """GPTQ without its speedups, in float64: quantize column by column, update the rest with the full inverse
+    Hessian, then remove the quantized column from it (the OBS downdate)."""
+    maxq = 2**bits - 1
+    w, h = weight.double().clone(), hessian.double().clone()
+    n, k = w.shape
+    h.diagonal().add_(damp_percent * h.diagonal().mean())
+    hinv = torch.linalg.inv(h)
+    codes = torch.empty(n, k, dtype=torch.int32)
+    for i in range(k):
+        if i % group_size == 0:
+            scale, zero = grid_params(w[:, i:i + group_size], bits, sym, mse=False)
+        q = torch.clamp(torch.round(w[:, i] / scale) + zero, 0, maxq)
+        codes[:, i] = q.int()
+        error = (w[:, i] - (q - zero) * scale) / hinv[i, i]
+        w -= error[:, None] * hinv[i][None, :]
+        hinv -= hinv[:, i:i + 1] @ hinv[i:i + 1, :] / hinv[i, i]
+    return codes
+
+
+def check_invariants(result: QuantResult, bits: int, group_size: int, sym: bool, n: int, k: int) -> None:
+    groups = k // group_size if group_size > 0 else 1
+    assert result.codes.shape == (n, k) and result.codes.dtype == torch.int32
+    assert result.scales.shape == (groups, n) and result.scales.dtype == torch.float32
+    assert result.zeros.shape == (groups, n) and result.zeros.dtype == torch.int32
+    assert result.g_idx.shape == (k,) and result.g_idx.dtype == torch.int32
+    assert 0 <= int(result.codes.min()) and int(result.codes.max()) <= 2**bits - 1
+    assert 0 <= int(result.zeros.min()) and int(result.zeros.max()) <= 2**bits - 1
+    assert torch.isfinite(result.scales).all() and (result.scales > 0).all()
+    if sym:
+        assert (result.zeros == 2 ** (bits - 1)).all()
+    # Every group holds exactly group_size columns, whatever order they were quantized in.
+    assert torch.equal(torch.bincount(result.g_idx, minlength=groups), torch.full((groups,), k // groups))
+    expected = torch.stack([(result.codes[:, j] - result.zeros[result.g_idx[j]]) * result.scales[result.g_idx[j]]
+                            for j in range(k)], dim=1)
+    assert torch.equal(result.dequantize(), expected)
+
+
+def test_hessian_accumulator_is_the_running_mean_of_2_x_xt():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 7, 32, generator=gen), torch.randn(5, 32, generator=gen).bfloat16(),
+               torch.randn(0, 32), torch.randn(1, 3, 32, generator=gen).half()]
+    acc = HessianAccumulator(32, name="h.0.attn.c_attn")
+    for x in batches:
+        acc.add_batch(x)
+    rows = torch.cat([x.reshape(-1, 32).double() for x in batches])
+    assert acc.nsamples == 14 + 5 + 3
+    assert torch.allclose(acc.hessian.double(), 2 / rows.shape[0] * rows.t() @ rows, rtol=1e-5, atol=1e-5)
+    assert acc.hessian.dtype == torch.float32
+
+
+def test_hessian_accumulator_fails_loudly():
+    acc = HessianAccumulator(8, name="h.3.mlp.c_proj")
+    with pytest.raises(ValueError, match="h.3.mlp.c_proj.*no calibration tokens"):
+        acc.hessian
+    with pytest.raises(ValueError, match="h.3.mlp.c_proj.*NaN or inf"):
+        acc.add_batch(torch.tensor([[1.0] * 7 + [float("inf")]]))
+    with pytest.raises(ValueError, match="h.3.mlp.c_proj.*9 features, expected 8"):
+        acc.add_batch(torch.ones(2, 9))
+    assert acc.nsamples == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_equals_plain_min_max_rounding(bits, group_size, sym):
+    weight, _ = correlated_layer(1)
+    weight[3] = 0  # an all-zero row
+    weight[5, 64:96] = 0  # an all-zero group
+    weight[7, 32:64] = weight[7, 32:64].abs()  # a group without negative weights: its asymmetric zero point is 0
+    result = rtn_quantize(weight, bits, group_size, sym, mse=False)
+    codes, scales, zeros = reference_rtn(weight, bits, group_size, sym)
+    assert torch.equal(result.codes, codes)
+    assert torch.equal(result.scales, scales)
+    assert torch.equal(result.zeros, zeros)
+    assert torch.equal(result.g_idx, torch.arange(K, dtype=torch.int32) // (group_size if group_size > 0 else K))
+    check_invariants(result, bits, group_size, sym, N, K)
+    assert (result.dequantize()[3] == 0).all() and (result.dequantize()[5, 64:96] == 0).all()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_clipping_never_worsens_the_rounding_error_it_minimizes(sym):
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((512, 64))
+    for bits in (2, 4):
+        plain_scale, plain_zero = grid_params(weight, bits, sym, mse=False)
+        scale, zero = grid_params(weight, bits, sym, mse=True)
+
+        def error(s, z):
+            q = torch.clamp(torch.round(weight / s[:, None]) + z[:, None], 0, 2**bits - 1)
+            return ((q - z[:, None]) * s[:, None] - weight).abs().pow(2.4).sum(dim=1)
+
+        assert (error(scale, zero) <= error(plain_scale, plain_zero)).all()
+        # Heavy tails make clipping pay off on most rows.
+        assert (scale < plain_scale).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, False), (True, True)])
+def test_gptq_output_error_is_below_rtn(bits, group_size, sym, desc_act, static_groups):
+    weight, hessian = correlated_layer(2)
+    result = gptq_quantize(weight, hessian, bits, group_size, sym, desc_act, static_groups, mse=False, name="lin")
+    rtn = rtn_quantize(weight, bits, group_size, sym, mse=False, hessian=hessian)
+    check_invariants(result, bits, group_size, sym, N, K)
+    assert result.loss == pytest.approx(output_error(weight, result, hessian), rel=1e-3)
+    assert rtn.loss == pytest.approx(output_error(weight, rtn, hessian), rel=1e-3)
+    assert result.loss < 0.8 * rtn.loss
+    assert result.damp == 0.01
+
+    g = group_size if group_size > 0 else K
+    if desc_act and not static_groups:
+        # Groups are runs of g columns in act-order: the largest inputs first.
+        order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+        assert torch.equal(result.g_idx[order], torch.arange(K, dtype=torch.int32) // g)
+    else:
+        assert torch.equal(result.g_idx, torch.arange(K, dtype=torch.int32) // g)
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (3, 64, False), (2, -1, True)])
+def test_gptq_with_mse_clipping_beats_plain_rtn(bits, group_size, sym):
+    weight, hessian = correlated_layer(3)
+    result = gptq_quantize(weight, hessian, bits, group_size, sym, desc_act=True, static_groups=True, mse=True)
+    check_invariants(result, bits, group_size, sym, N, K)
+    assert result.loss < 0.8 * rtn_quantize(weight, bits, group_size, sym, mse=False, hessian=hessian).loss
+
+
+@pytest.mark.parametrize("group_size,block_size", [(8, 16), (32, 16), (-1, 24)])
+def test_gptq_matches_the_unoptimized_algorithm(group_size, block_size):
+    weight, hessian = correlated_layer(4, k=64, n=32)
+    result = gptq_quantize(weight, hessian, 4, group_size, sym=False, block_size=block_size, mse=False)
+    # Per channel, the reference's one group takes its grid from the original weights, as GPTQ does.
+    expected = reference_gptq(weight, hessian, 4, group_size if group_size > 0 else 64, sym=False)
+    # float32 against float64: only a rare tie may round the other way.
+    assert (result.codes != expected).float().mean() < 0.01
+    assert (result.codes - expected).abs().max() <= 1
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_gptq_without_correlations_is_rtn(desc_act, group_size):
+    """With H = c I no error can be compensated: GPTQ must round exactly like RTN."""
+    weight, _ = correlated_layer(5)
+    result = gptq_quantize(weight, 3 * torch.eye(K), 4, group_size, desc_act=desc_act, mse=False)
+    rtn = rtn_quantize(weight, 4, group_size, mse=False)
+    assert torch.equal(result.codes, rtn.codes) and torch.equal(result.scales, rtn.scales)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_dead_input_columns_quantize_to_zero(desc_act):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(512, K, generator=gen) @ torch.randn(K, K, generator=gen)
+    x[:, [0, 17, 200]] = 0
+    hessian = 2 / 512 * x.t() @ x
+    weight = torch.randn(N, K, generator=gen)
+    result = gptq_quantize(weight, hessian, 4, 32, desc_act=desc_act, mse=False)
+    check_invariants(result, 4, 32, True, N, K)
+    assert (result.dequantize()[:, [0, 17, 200]] == 0).all()
+    assert result.loss < rtn_quantize(weight, 4, 32, mse=False, hessian=hessian).loss
+
+    # Their unit diagonal keeps an otherwise well-conditioned H positive definite without any damping.
+    x = torch.randn(1024, K, generator=gen)
+    x[:, [0, 17, 200]] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = gptq_quantize(weight, 2 / 1024 * x.t() @ x, 4, 32, desc_act=desc_act, damp_percent=0, mse=False)
+    assert result.damp == 0 and (result.dequantize()[:, [0, 17, 200]] == 0).all()
+
+
+def test_singular_hessian_raises_the_damping_with_a_warning():
+    weight, _ = correlated_layer(7, k=64, n=16)
+    hessian = torch.eye(64)
+    hessian[0, 1] = hessian[1, 0] = 1  # inputs 0 and 1 are always equal: H is singular
+    with pytest.warns(UserWarning, match="h.0.mlp.w1.*damp_percent=0; used damp_percent=0.001"):
+        result = gptq_quantize(weight, hessian, 4, 32, damp_percent=0, name="h.0.mlp.w1")
+    assert result.damp == 0.001
+    check_invariants(result, 4, 32, True, 16, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gptq_quantize(weight, hessian, 4, 32, damp_percent=0.01).damp == 0.01
+
+
+def test_a_hessian_that_no_damping_fixes_is_an_error():
+    weight, _ = correlated_layer(8, k=64, n=16)
+    with pytest.raises(ValueError, match="h.2.attn.c_proj.*not positive definite even with damp_percent=1"):
+        gptq_quantize(weight, -torch.eye(64), 4, 32, name="h.2.attn.c_proj")
+
+
+def test_bad_inputs_are_named():
+    weight, hessian = correlated_layer(9)
+    with pytest.raises(ValueError, match="bits=5"):
+        gptq_quantize(weight, hessian, 5, 32, name="lin")
+    with pytest.raises(ValueError, match="bits=1"):
+        rtn_quantize(weight, 1, 32)
+    for group_size in (48, 0, -2):
+        with pytest.raises(ValueError, match=f"lin: group_size {group_size} does not divide in_features K=256"):
+            gptq_quantize(weight, hessian, 4, group_size, name="lin")
+        with pytest.raises(ValueError, match=f"lin: group_size {group_size} does not divide in_features K=256"):
+            rtn_quantize(weight, 4, group_size, name="lin")
+    bad = weight.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="h.1.mlp.w2: weight contains NaN or inf"):
+        gptq_quantize(bad, hessian, 4, 32, name="h.1.mlp.w2")
+    with pytest.raises(ValueError, match="h.1.mlp.w2: weight contains NaN or inf"):
+        rtn_quantize(bad, 4, 32, name="h.1.mlp.w2")
+    bad_hessian = hessian.clone()
+    bad_hessian[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="lin: Hessian contains NaN or inf"):
+        gptq_quantize(weight, bad_hessian, 4, 32, name="lin")
+    with pytest.raises(ValueError, match="lin: Hessian shape \\(128, 128\\) does not match in_features K=256"):
+        gptq_quantize(weight, hessian[:128, :128], 4, 32, name="lin")
+    with pytest.raises(ValueError, match="lin: the Hessian is all zeros"):
+        gptq_quantize(weight, torch.zeros(K, K), 4, 32, name="lin")
+    with pytest.raises(ValueError, match="lin: damp_percent must be >= 0"):
+        gptq_quantize(weight, hessian, 4, 32, damp_percent=-0.1, name="lin")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_round_trips_gptq_output(bits):
+    weight, hessian = correlated_layer(10)
+    result = gptq_quantize(weight, hessian, bits, 32, sym=True, desc_act=True, mse=True)
+    qweight = packing.pack_qweight(result.codes.t(), bits)
+    qzeros = packing.pack_qzeros(result.zeros, bits, "gptq")
+    assert qweight.shape == (K * bits // 32, N) and qzeros.shape == (K // 32, N * bits // 32)
+    assert torch.equal(packing.unpack_qweight(qweight, bits), result.codes.t())
+    assert torch.equal(packing.unpack_qzeros(qzeros, bits, "gptq"), result.zeros)
+    assert torch.equal(packing.dequantize(qweight, qzeros, result.scales, result.g_idx, bits), result.dequantize())

@@ -1,0 +1,250 @@
+"""QuantLinear built from checkpoint tensors packed with qwen_quant.packing, against an fp64 reference computed in
+this file straight from the random integer codes: W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]."""
+import logging
+
+import pytest
+import torch
+
+from qwen_quant import packing
+from qwen_quant import qlinear
+from qwen_quant.qlinear import QuantLinear
+
+BF16_TOLERANCE = 1e-2  # the cpu backend computes with bf16 activations, scales and zeros
+
+
+class Layer:
+    """Random GPTQ codes for one linear and the checkpoint tensors that store them."""
+
+    def __init__(self, K, N, bits, group_size, *, symmetric=True, act_order=False, checkpoint_format="gptq",
+                 bias=True, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        group = K if group_size == -1 else group_size
+        G = -(-K // group)
+        self.K, self.N, self.bits, self.group_size, self.format = K, N, bits, group_size, checkpoint_format
+        self.q = torch.randint(0, 2 ** bits, (K, N), generator=gen, dtype=torch.int32)
+        lowest = 1 if checkpoint_format == "gptq" else 0  # v1 stores zero - 1, so it cannot hold a zero of 0
+        self.zeros = (torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32) if symmetric
+                      else torch.randint(lowest, 2 ** bits, (G, N), generator=gen, dtype=torch.int32))
+        self.scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).half()
+        g_idx = torch.arange(K) // group
+        self.g_idx = (g_idx[torch.randperm(K, generator=gen)] if act_order else g_idx).int()
+        self.bias = torch.randn(N, generator=gen).half() if bias else None
+
+    def packed(self):
+        return (packing.pack_qweight(self.q, self.bits), packing.pack_qzeros(self.zeros, self.bits, self.format),
+                self.scales, self.g_idx, self.bias)
+
+    def build(self, backend="auto", dtype=torch.float32, **kwargs) -> QuantLinear:
+        return QuantLinear.from_packed(*self.packed(), bits=self.bits, group_size=self.group_size,
+                                       checkpoint_format=self.format, backend=backend, dtype=dtype,
+                                       name="transformer.h.0.mlp.w1", **kwargs)
+
+    def weight(self) -> torch.Tensor:
+        """The reference weight, fp64 [N, K]."""
+        g = self.g_idx.long()
+        return ((self.q.double() - self.zeros.double()[g]) * self.scales.double()[g]).t()
+
+    def expected(self, x):
+        y = x.double() @ self.weight().t()
+        return y + self.bias.double() if self.bias is not None else y
+
+
+def relative_error(y, r):
+    return ((y.double() - r).norm() / r.norm()).item()
+
+
+GROUPS = [32, 64, 128, -1]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_torch_backend_equals_reference(bits, group_size, symmetric, act_order):
+    layer = Layer(320, 64, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
+    module = layer.build("torch")
+    assert module.backend == "torch"
+    torch.testing.assert_close(module.dequantize().double(), layer.weight(), rtol=0, atol=0)
+    x = torch.randn(2, 3, layer.K)
+    y = module(x)
+    assert y.shape == (2, 3, layer.N) and y.dtype == torch.float32
+    assert relative_error(y, layer.expected(x)) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_backend_within_bf16(bits, group_size, symmetric, act_order):
+    layer = Layer(512, 96, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits * group_size)
+    module = layer.build("cpu")
+    assert module.backend == "cpu"
+    assert relative_error(module.dequantize(), layer.weight()) < BF16_TOLERANCE / 2
+    for M in (1, 5, 33):
+        x = torch.randn(M, layer.K)
+        y = module(x)
+        assert y.dtype == torch.float32
+        assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
+        # dequantize() is the weight the kernel applies, so forward agrees with it far better than with the
+        # fp16-scale reference.
+        assert relative_error(y, x.double() @ module.dequantize().double().t() + layer.bias.double()) < 4e-3
+
+
+def test_cpu_int8_group_not_dividing_k():
+    """K = 2.5 groups: the short last group is padded with zero weights."""
+    layer = Layer(320, 48, 8, 128, symmetric=False, act_order=True)
+    module = layer.build("cpu")
+    x = torch.randn(3, layer.K)
+    assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
+
+
+def test_cpu_int4_per_channel_uses_largest_kernel_group():
+    module = Layer(768, 32, 4, -1).build("cpu")
+    assert module.kernel_group == 256
+
+
+def test_triton_backend_under_interpreter_matches_torch():
+    for bits in (4, 8):
+        layer = Layer(288, 80, bits, 32, symmetric=False, act_order=True)
+        triton_module, torch_module = layer.build("triton"), layer.build("torch")
+        for M in (1, 20):
+            x = torch.randn(M, layer.K)
+            assert relative_error(triton_module(x), torch_module(x).double()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_half_precision_activations_keep_their_dtype(dtype, backend):
+    layer = Layer(256, 64, 4, 128)
+    module = layer.build(backend, dtype=dtype)
+    x = torch.randn(4, layer.K).to(dtype)
+    y = module(x)
+    assert y.dtype == dtype
+    assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
+
+
+def test_module_dtype_conversion_keeps_cpu_backend_working():
+    for bits in (4, 8):
+        layer = Layer(256, 64, bits, 64, symmetric=False)
+        module = layer.build("cpu").half()  # what a loader may do to a whole model
+        x = torch.randn(2, layer.K).half()
+        assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
+
+
+def test_gptq_v2_format_reads_true_zeros():
+    layer = Layer(256, 64, 4, 32, symmetric=False, checkpoint_format="gptq_v2", seed=5)
+    assert (layer.zeros == 0).any()  # a zero the v1 format cannot store
+    for backend in ("torch", "cpu"):
+        module = layer.build(backend)
+        x = torch.randn(3, layer.K)
+        assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
+    torch.testing.assert_close(layer.build("torch").dequantize().double(), layer.weight(), rtol=0, atol=0)
+
+
+def test_v1_and_v2_of_the_same_weight_agree():
+    v1 = Layer(256, 64, 8, 128, symmetric=False, checkpoint_format="gptq", seed=2)
+    v2 = Layer(256, 64, 8, 128, symmetric=False, checkpoint_format="gptq_v2", seed=2)
+    v2.zeros = v1.zeros
+    torch.testing.assert_close(v1.build("torch").dequantize(), v2.build("torch").dequantize(), rtol=0, atol=0)
+
+
+def test_auto_backend_on_cpu(caplog):
+    caplog.set_level(logging.INFO, logger="qwen_quant")
+    qlinear._LOGGED_CHOICES.clear()
+    assert Layer(256, 64, 4, 128).build().backend == "cpu"
+    assert Layer(256, 64, 4, 128, seed=1).build().backend == "cpu"
+    assert sum("backend cpu" in r.getMessage() for r in caplog.records) == 1  # logged once, not per layer
+    assert Layer(256, 64, 8, 32, act_order=True).build().backend == "cpu"
+    assert Layer(256, 64, 2, 128).build().backend == "torch"
+    assert Layer(256, 64, 3, 128).build().backend == "torch"
+    assert Layer(256, 40, 4, 128).build().backend == "torch"  # int4pack needs N % 16 == 0
+    assert Layer(264, 64, 8, -1).build().backend == "torch"  # int8pack_mm needs K % 16 == 0
+    assert any("not cpu: int4pack needs out_features divisible by 16" in r.getMessage() for r in caplog.records)
+
+
+def test_irregular_g_idx_falls_back_to_torch():
+    """Groups of unequal size (each still within group_size) cannot use the kernels' k // group rule."""
+    layer = Layer(288, 64, 4, 128, symmetric=False)
+    sizes = torch.cat([torch.zeros(100), torch.ones(128), torch.full((60,), 2)]).int()  # standard: 128, 128, 32
+    layer.g_idx = sizes[torch.randperm(288, generator=torch.Generator().manual_seed(0))]
+    module = layer.build()
+    assert module.backend == "torch" and module.row_group is not None
+    x = torch.randn(2, layer.K)
+    assert relative_error(module(x), layer.expected(x)) < 1e-6
+    with pytest.raises(ValueError, match="equal contiguous groups"):
+        layer.build("cpu")
+
+
+def test_memory_bytes_counts_what_the_backend_keeps():
+    layer = Layer(256, 64, 4, 128)  # symmetric: no zeros kept
+    torch_module = layer.build("torch", dtype=torch.float16)
+    assert torch_module.memory_bytes() == 256 * 64 // 2 + 2 * 64 * 2 + 64 * 2  # codes, fp16 scales, fp16 bias
+    cpu_module = layer.build("cpu", dtype=torch.float16)
+    assert cpu_module.memory_bytes() == 256 * 64 // 2 + 2 * 64 * 2 * 2 + 64 * 2  # codes, bf16 scale+zero, bias
+    act_order = Layer(256, 64, 4, 128, act_order=True).build("torch", dtype=torch.float16)
+    assert act_order.memory_bytes() == torch_module.memory_bytes() + 256 * 8  # int64 perm
+
+
+def test_backend_layouts_stay_out_of_state_dict():
+    for backend in ("torch", "cpu"):
+        module = Layer(256, 64, 8, 128, symmetric=False, act_order=True).build(backend)
+        assert module.state_dict() == {} and module.memory_bytes() > 0
+
+
+def test_extra_repr_and_input_check():
+    module = Layer(256, 64, 4, 128, act_order=True).build("cpu")
+    assert "bits=4, group_size=128, backend=cpu, act_order=True" in repr(module)
+    with pytest.raises(ValueError, match="expects 256 input features"):
+        module(torch.randn(2, 255))
+
+
+NAME = "transformer.h.0.mlp.w1"
+
+
+def build(layer, **overrides):
+    qweight, qzeros, scales, g_idx, bias = layer.packed()
+    tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, bias=bias)
+    options = dict(bits=layer.bits, group_size=layer.group_size, name=NAME)
+    for key, value in overrides.items():
+        (tensors if key in tensors else options)[key] = value
+    return QuantLinear.from_packed(**tensors, **options)
+
+
+def test_error_messages_name_the_layer_and_tensor():
+    layer = Layer(256, 64, 4, 128)
+    qweight = packing.pack_qweight(layer.q, 4)
+    with pytest.raises(ValueError, match=rf"{NAME}\.qweight has shape \[32, 64\] .* bits=4, group_size=128, "
+                                         r"in_features=512, out_features=64 need \[64, 64\]"):
+        build(layer, in_features=512)
+    with pytest.raises(ValueError, match=rf"{NAME}\.qweight has shape \[16, 64\]"):
+        build(layer, qweight=qweight[:16], in_features=256)
+    with pytest.raises(ValueError, match=rf"{NAME}\.scales has shape \[1, 64\]"):
+        build(layer, scales=layer.scales[:1])
+    with pytest.raises(ValueError, match=rf"{NAME}\.scales .* dtype int32"):
+        build(layer, scales=layer.scales.int())
+    with pytest.raises(ValueError, match=rf"{NAME}\.qzeros has shape \[2, 4\]"):
+        build(layer, qzeros=layer.packed()[1][:, :4])
+    with pytest.raises(ValueError, match=rf"{NAME}\.bias has shape \[63\]"):
+        build(layer, bias=layer.bias[:63])
+    with pytest.raises(ValueError, match=rf"{NAME}\.g_idx has shape \[255\]"):
+        build(layer, g_idx=layer.g_idx[:255])
+    bad_g_idx = layer.g_idx.clone()
+    bad_g_idx[7] = 2
+    with pytest.raises(ValueError, match=rf"{NAME}\.g_idx has values in \[0, 2\] .* need values in \[0, 1\]"):
+        build(layer, g_idx=bad_g_idx)
+    with pytest.raises(ValueError, match=rf"{NAME}\.g_idx puts 129 inputs in one group but group_size=128"):
+        build(layer, g_idx=torch.cat([torch.zeros(129), torch.ones(127)]).int())
+    with pytest.raises(ValueError, match=rf"{NAME}\.qweight: bits=5 is not supported"):
+        build(layer, bits=5)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        build(layer, backend="gpu")
+    with pytest.raises(ValueError, match=rf"{NAME}: backend 'triton' cannot run this weight: .* not 2"):
+        build(Layer(256, 64, 2, 128), backend="triton")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_device_local_packing_matches_packing_module(bits):
+    codes = torch.randint(0, 2 ** bits, (96, 40), dtype=torch.int32)
+    packed = packing.pack_qweight(codes, bits)
+    assert torch.equal(qlinear.pack_codes(codes, bits), packed)
+    assert torch.equal(qlinear.unpack_codes(packed, bits), codes)
