@@ -5,7 +5,7 @@ CUDA (when present): the Triton kernels against fp16 / bf16 matmul at M = 1, 16,
 (bytes of packed weights + scales + zeros + activations read, per second) and its percent of the device's copy
 bandwidth measured here.
 
-    python benchmarks/bench_kernels.py [--quick] [--json results.json]
+    python benchmarks/bench_kernels.py [--quick] [--json results.json] [--threads N]
 """
 import argparse
 import json
@@ -134,7 +134,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     rows = bench_cpu(repeats=10 if args.quick else 50)

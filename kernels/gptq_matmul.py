@@ -1,20 +1,22 @@
 """Triton dequant-matmul for GPTQ Int4 / Int8 weights: y = x @ W^T (+ bias), accumulated in fp32.
 
 W[n, k] = (q[k, n] - z[k // group_size, n]) * s[k // group_size, n]. The input dimension must already be in group
-order (QuantLinear sorts act-order weights once at load time), so a kernel never gathers scales per element.
+order (QuantLinear sorts act-order weights once at load time), so scales are found by k // group_size and never
+gathered through g_idx.
 
 Weight layout, prepared once at load time:
 - qweight int32 [K * bits / 32, N]: GPTQ's own layout, 32 / bits codes of consecutive k per word, least significant
-  first. Neighbouring threads read neighbouring n, so tile loads are coalesced; the repeated reads of one word by the
-  32 / bits rows it holds hit L1.
+  first. Neighbouring threads read neighbouring n, so tile loads are coalesced.
 - scales [G, N], any float dtype (QuantLinear keeps the activation dtype).
 - zeros [G, N], a float tensor of integer zero points, or None for symmetric weights: the zero is then the constant
   2^(bits-1), so symmetric checkpoints (all of Qwen's published Int4 / Int8 ones) read no zeros at all.
 
-One kernel serves both regimes, with the block shapes chosen by `choose_config`:
-- decode (M <= 16) is memory bound: each program reads a [block_k, block_n] weight tile once per step and the K
-  dimension is split across programs (atomic fp32 adds) so that every SM has work even when N alone gives few tiles.
-- prefill tiles M as well and multiplies dequantized tiles with tl.dot.
+One kernel serves both regimes, with the block shapes chosen by `choose_config` (a heuristic, not autotuning):
+- decode (M <= 16) is memory bound: a program loads each [block_k * bits / 32, block_n] tile of words once and uses
+  its 32 / bits codes as interleaved row slices (rows j, j + 32 / bits, ...) against the matching strided columns
+  of x. K is split across programs (atomic fp32 adds) so that every SM has work even when N gives few column tiles.
+- prefill tiles M as well and feeds [block_k, block_n] dequantized tiles to tl.dot; the 32 / bits rows sharing a
+  word read it again from L1.
 When a K tile lies inside one group, the tile holds the exact integers q - z and the group's scales multiply the
 [block_m, block_n] product once: fewer operations per weight than scaling each element, and no rounding of the weight
 in a fp16 / bf16 dot (|q - z| <= 256 is exact in both).

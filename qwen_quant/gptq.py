@@ -41,7 +41,7 @@ class HessianAccumulator:
         if not torch.isfinite(x).all():
             raise ValueError(f"{self.name}: activations contain NaN or inf")
         total = self.nsamples + x.shape[0]
-        if total == 0:
+        if total == 0:  # an empty first batch: nothing to average yet
             return
         # A running mean (rescale the old sum, add the new rows) keeps the fp32 entries at the scale of one x x^T.
         self._hessian.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2 / total)
@@ -106,7 +106,7 @@ def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: in
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def _rounding_error(w, scale, zero, maxq) -> torch.Tensor:
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     scale, zero = scale[:, None], zero[:, None]
     dequantized = (_quantize(w, scale, zero, maxq) - zero) * scale
     return (dequantized - w).abs_().pow_(MSE_NORM).sum(dim=1)
@@ -163,8 +163,14 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bo
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                  block_size: int = 128, mse: bool = False, name: str = "") -> QuantResult:
-    """GPTQ with lazy batch updates, optional act-order (`desc_act`) and groups fixed up front (`static_groups`)."""
+                  block_size: int = 128, mse: bool = True, name: str = "") -> QuantResult:
+    """Quantize weight [N, K] with GPTQ, given the Hessian H [K, K] of its calibration inputs.
+
+    group_size: input columns per (scale, zero), -1 for one per output row. desc_act: act-order, the columns with
+    the largest diag(H) first. static_groups: take every group's grid from the original weights up front (with
+    desc_act this keeps g_idx = k // group_size). damp_percent: damping added to diag(H), as a fraction of its mean.
+    block_size: columns per lazy batch update. mse: search a clipped grid (see MSE_SHRINKS). name: for messages.
+    """
     _check_inputs(weight, bits, group_size, name)
     n, k = weight.shape
     _check_hessian(hessian, k, name)
@@ -172,30 +178,31 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         raise ValueError(f"{name}: damp_percent must be >= 0 and block_size > 0, got {damp_percent}, {block_size}")
     maxq = 2**bits - 1
     group = group_size if group_size > 0 else k
-    W = weight.to(torch.float32).clone()
-    H = hessian.to(device=W.device, dtype=torch.float32).clone()
+    target = weight.to(torch.float32).clone()
+    H = hessian.to(device=target.device, dtype=torch.float32).clone()
 
     # An input that is always 0 leaves its column free: quantize it to 0 and give H a unit diagonal there.
     dead = H.diagonal() == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    target[:, dead] = 0
 
     # Per channel, or static groups: every group's grid comes from the original weights, before any update.
     fixed_grid = static_groups or group_size == -1
     if fixed_grid:
-        scales, zeros = _group_params(W, group, bits, sym, mse)
+        scales, zeros = _group_params(target, group, bits, sym, mse)
     else:
-        scales = torch.empty(k // group, n, device=W.device)
-        zeros = torch.empty(k // group, n, device=W.device)
+        scales = torch.empty(k // group, n, device=target.device)
+        zeros = torch.empty(k // group, n, device=target.device)
 
     # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
-    positions = torch.arange(k, device=W.device)
+    positions = torch.arange(k, device=target.device)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else positions
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H = target[:, perm], H[perm][:, perm]
     # The group of the column at each position: its own fixed group, or the run of `group` positions it falls in.
     position_group = (perm if fixed_grid else positions) // group
     group_at = position_group.tolist()
 
+    # Row i of this upper Cholesky factor of H^-1 says how column i's error moves the columns after it.
     Hinv, damp = _inverse_hessian_cholesky(H, damp_percent, name)
     # A group's grid is taken when its first column comes up, from weights that must carry every earlier column's
     # update: with blocks of whole groups those are the current block's own, already updated weights.
@@ -203,6 +210,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         block_size = max(block_size // group, 1) * group
 
     codes = torch.empty(n, k, device=W.device)
+    damped_output_error = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
@@ -218,13 +226,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             # Spread the error over the rest of the block now; over later blocks once, below, as one matmul.
             W1[:, i + 1:].addmm_(errors[:, i:i + 1], Hinv1[i:i + 1, i + 1:], alpha=-1)
         W[:, i2:].addmm_(errors, Hinv[i1:i2, i2:], alpha=-1)
+        damped_output_error += errors.square().sum(dtype=torch.float64)
 
     g_idx = torch.empty(k, dtype=torch.int32, device=W.device)
     g_idx[perm] = position_group.to(torch.int32)
     original_order = torch.empty_like(codes)
     original_order[:, perm] = codes
     result = QuantResult(original_order.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
-    result.loss = _output_error(weight.to(torch.float32) - result.dequantize(), hessian.to(W.device, torch.float32))
+    # Every update adds an error times a row of Hinv, so W - Q = errors @ Hinv, and Hinv H_damped Hinv^T = I: the
+    # sum of squared errors is tr((W - Q) H_damped (W - Q)^T). Taking the damping's part off leaves the output error
+    # under H itself, without the N x K x K product that computing it directly costs.
+    damping_part = damp * H.diagonal().mean() * (target - result.dequantize()).square().sum(dtype=torch.float64)
+    result.loss = float(damped_output_error - damping_part) / (2 * n)
     return result
 
 

@@ -109,28 +109,13 @@ def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: s
 def quantized_linear_tensors(K: int, N: int, bits: int, group_size: int, dtype: torch.dtype, device: str,
                              sym: bool = True, desc_act: bool = False, backend: str = "auto") -> list:
     """(term, shape, dtype) of every tensor one QuantLinear keeps: what its backend stores, not the checkpoint."""
-    group = K if group_size == -1 else group_size
-    G = -(-K // group)
-    backend = quant_backend(K, N, bits, group, device, backend)
-    kept = [(LINEAR_EXTRAS, (N,), dtype)]  # bias: Qwen's files (and ours) give all five linears one
-    if desc_act:
-        kept.append((LINEAR_EXTRAS, (K,), torch.int64))  # perm gathering the inputs into group order
-    if backend == "cpu" and bits == 4:
-        from .qlinear import cpu_int4_group
+    from .qlinear import kept_tensors
 
-        kernel_group = cpu_int4_group(group, K)
-        kept += [(LINEAR_WEIGHTS, (N, K // 2), torch.uint8),  # int4pack: two codes a byte
-                 (LINEAR_EXTRAS, (K // kernel_group, N, 2), torch.int16)]  # bf16 scale and zero per kernel group
-    elif backend == "cpu":
-        kept += [(LINEAR_WEIGHTS, (G, N, group if G > 1 else K), torch.int8),  # int8pack, one matrix per group
-                 (LINEAR_EXTRAS, (G, N), torch.int16)]  # bf16 scales
-        if not sym:
-            kept.append((LINEAR_EXTRAS, (G, N), torch.float32))  # zero * scale per group
-    else:  # triton and torch keep GPTQ's own qweight
-        kept += [(LINEAR_WEIGHTS, (K * bits // 32, N), torch.int32), (LINEAR_EXTRAS, (G, N), dtype)]
-        if not sym:
-            kept.append((LINEAR_EXTRAS, (G, N), dtype))  # symmetric zeros are the constant 2^(bits-1)
-    return kept
+    group = K if group_size == -1 else group_size
+    backend = quant_backend(K, N, bits, group, device, backend)
+    kept = kept_tensors(backend, K, N, bits, group_size, dtype=dtype, symmetric=sym, act_order=desc_act)
+    return [(LINEAR_WEIGHTS if name in QUANT_CODE_BUFFERS else LINEAR_EXTRAS, shape, kept_dtype)
+            for name, (shape, kept_dtype) in kept.items()]
 
 
 def dense_linear_tensors(K: int, N: int, bias: bool, dtype: torch.dtype) -> list:

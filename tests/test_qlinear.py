@@ -185,6 +185,18 @@ def test_memory_bytes_counts_what_the_backend_keeps():
     assert act_order.memory_bytes() == torch_module.memory_bytes() + 256 * 8  # int64 perm
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [64, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kept_tensors_describes_the_buffers(backend, bits, group_size, symmetric):
+    layer = Layer(512, 48, bits, group_size, symmetric=symmetric, act_order=not symmetric)
+    module = layer.build(backend, dtype=torch.float16)
+    buffers = {name: (tuple(t.shape), t.dtype) for name, t in module.named_buffers()}
+    assert buffers == qlinear.kept_tensors(backend, 512, 48, bits, group_size, dtype=torch.float16,
+                                           symmetric=symmetric, act_order=not symmetric, bias=True)
+
+
 def test_backend_layouts_stay_out_of_state_dict():
     for backend in ("torch", "cpu"):
         module = Layer(256, 64, 8, 128, symmetric=False, act_order=True).build(backend)
@@ -248,3 +260,9 @@ def test_device_local_packing_matches_packing_module(bits):
     packed = packing.pack_qweight(codes, bits)
     assert torch.equal(qlinear.pack_codes(codes, bits), packed)
     assert torch.equal(qlinear.unpack_codes(packed, bits), codes)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="Triton needs a CUDA device"):
+        Layer(256, 64, 4, 128).build("triton")
