@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import QwenConfig
@@ -51,6 +51,7 @@ class WeightReader:
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}  # tensor name -> file
         self._pickled: dict[str, torch.Tensor] = {}
+        self._headers: dict[Path, dict] = {}
         index = self.folder / INDEX_NAME
         if index.is_file():
             try:
@@ -66,17 +67,16 @@ class WeightReader:
             self._index_file(self.folder / SINGLE_NAME)
         else:
             self._load_pickles(allow_pickle)
-        self._handles: dict[Path, object] = {}
 
     def _index_file(self, file: Path) -> None:
-        for name in self._open(file).keys():
+        for name in self._header(file):
             self.files[name] = file
 
-    def _open(self, file: Path):
-        try:
-            return safe_open(str(file), framework="pt")
-        except Exception as e:  # truncated or corrupt headers surface here
-            raise ValueError(f"cannot read {file}: {e} (is the file truncated or corrupt?)") from None
+    def _header(self, file: Path) -> dict:
+        """The safetensors header (name -> dtype, shape, byte range), checked against the file's size."""
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        return self._headers[file]
 
     def _load_pickles(self, allow_pickle: bool) -> None:
         pickles = sorted(self.folder.glob("*.bin"))
@@ -103,12 +103,45 @@ class WeightReader:
         if name not in self.files:
             raise KeyError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(file)
-        try:
-            return self._handles[file].get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"cannot read tensor {name} from {file}: {e} (is the file truncated?)") from None
+        info = self._header(file).get(name)
+        if info is None:
+            raise KeyError(f"tensor {name} is not in {file}, where the index says it is")
+        # Plain reads into fresh memory rather than a memory map: mapped file pages would count in the process's
+        # resident memory on top of the copy, doubling the peak of a load.
+        begin, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        with open(file, "rb") as f:
+            f.seek(info["data_start"] + begin)
+            if tensor.numel() and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"cannot read tensor {name} from {file}: the file ends early (truncated?)")
+        return tensor
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(file: Path) -> dict:
+    """name -> {dtype, shape, data_offsets, data_start} of a .safetensors file, with the file's size checked."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {file}: not a valid safetensors file ({e}; is it truncated or corrupt?)") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        if data_start + info["data_offsets"][1] > size:
+            raise ValueError(f"cannot read {file}: tensor {name} lies past the end of the file (is it truncated?)")
+        info["data_start"] = data_start
+    return header
 
 
 def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") -> Iterator:

@@ -83,7 +83,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
-             mse: bool = False, progress: bool = True) -> QuantizeReport:
+             mse: bool = True, progress: bool = True) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir."""
     start = time.time()
     folder = resolve_model_path(model_path)
@@ -212,7 +212,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
                 H = hessian.hessian
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
                                        quant.static_groups, quant.damp_percent, mse=mse, name=name)
-                rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=mse, hessian=H).loss
+                # The baseline every paper reports: plain round-to-nearest on the min/max grid.
+                rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss
             else:
                 result, rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=mse, name=name), None
             tensors.update(export_linear(name, result, linear.bias, quant))

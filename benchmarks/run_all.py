@@ -1,0 +1,138 @@
+"""The benchmark suite at CI sizes (about 10 minutes on 2 cores): quality, memory, kernels, decoding, quantization.
+
+Writes benchmarks/results.json, rewrites the table between the run_all markers of benchmarks/RESULTS.md, draws
+benchmarks/results.png, and exits 1 when a QUALITY bar is missed (GPTQ vs RTN perplexity, Int8 loss, memory at or
+below Qwen's published figures). Timings are printed and recorded, never judged.
+
+    python benchmarks/run_all.py
+"""
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_quality import CORE, quality_failures, run_grid  # noqa: E402
+from common import machine, machine_line, shared_data_dir  # noqa: E402
+from qwen_quant.memory import published_table  # noqa: E402
+
+BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
+# Each timing benchmark runs as its own script at CI size; its JSON is gathered here.
+TIMED = [("kernels", ["bench_kernels.py", "--quick"]), ("decode", ["bench_decode.py", "--quick"]),
+         ("quantize", ["bench_quantize.py", "--quick"])]
+
+
+def run_script(args: list) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)], check=True)
+        return json.loads(out.read_text())
+
+
+def markdown(results: dict) -> str:
+    q = results["quality"]
+    lines = [f"Machine: {results['machine_line']}", "",
+             f"**Quality** (stories260k_qwen, full precision {q['fp_perplexity']:.4f}; 128 x 128 calibration "
+             "windows, 256-token evaluation windows):", "",
+             "| bits | group | RTN ppl | GPTQ ppl | GPTQ share of RTN's loss | bar |", "|---|---|---|---|---|---|"]
+    for r in q["rows"]:
+        bar = "<= 60 %" if r["bits"] in (3, 4) else "<= +0.1 % ppl"
+        lines.append(f"| {r['bits']} | {r['group_size']} | {r['rtn']:.4f} | {r['gptq']:.4f} | {r['share']:.1%} | "
+                     f"{bar} |")
+    lines += ["", "**Memory** (GiB, batch 1, 1-token context, 2048 new tokens; ours: estimate of our runtime):", "",
+              "| model | precision | ours | published | difference |", "|---|---|---|---|---|"]
+    for c in results["memory"]:
+        lines.append(f"| Qwen-{c['size']} | {c['precision']} | {c['ours_gib']:.2f} | {c['published_gib']:.2f} | "
+                     f"{c['ours_gib'] - c['published_gib']:+.2f} |")
+    d = results["decode"]
+    lines += ["", f"**Decoding on this CPU** (Qwen-{d['shape']} shapes, {d['layers']} blocks, {d['tokens']} tokens):",
+              "", "| precision | backend | tokens/s | vs bf16 | tensors GiB |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['precision']} | {r['backend']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['loaded_gib']:.3f} |")
+    if results["failures"]:
+        lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]
+    lines += ["", f"Suite time: {results['seconds']:.0f} s. Full outputs: benchmarks/results.json."]
+    return "\n".join(lines)
+
+
+def rewrite_results_md(text: str) -> None:
+    path = HERE / "RESULTS.md"
+    old = path.read_text(encoding="utf-8") if path.is_file() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in old:
+        old += f"\n{BEGIN}\n{END}\n"
+    head, rest = old.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    q = results["quality"]
+    rows = q["rows"]
+    x = range(len(rows))
+    left.bar([i - 0.2 for i in x], [r["rtn"] for r in rows], 0.4, label="RTN")
+    left.bar([i + 0.2 for i in x], [r["gptq"] for r in rows], 0.4, label="GPTQ (ours)")
+    left.axhline(q["fp_perplexity"], color="black", linestyle="--", label="full precision")
+    left.set_xticks(list(x), [f"{r['bits']}-bit g{r['group_size']}" for r in rows])
+    left.set_ylabel("perplexity (stories260k_qwen eval)")
+    left.set_title("Quality: perplexity by method and bits")
+    left.legend()
+    cells = results["memory"]
+    labels = [f"{c['size']}\n{c['precision']}" for c in cells]
+    right.bar([i - 0.2 for i in range(len(cells))], [c["published_gib"] for c in cells], 0.4, label="Qwen published")
+    right.bar([i + 0.2 for i in range(len(cells))], [c["ours_gib"] for c in cells], 0.4, label="qwen_quant estimate")
+    right.set_xticks(range(len(cells)), labels, fontsize=7)
+    right.set_yscale("log")
+    right.set_ylabel("peak GiB (batch 1, 2048 tokens)")
+    right.set_title("Memory: our runtime vs Qwen's published figures")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    info = machine()
+    print(machine_line(info), flush=True)
+    print("== quality: stories260k_qwen, GPTQ and RTN", flush=True)
+    fp, rows = run_grid(CORE, shared_data_dir() / "stories260k_qwen")
+    failures = quality_failures(fp, rows)
+    for r in rows:
+        print(f"  {r['bits']}-bit g{r['group_size']}: RTN {r['rtn']:.4f}, GPTQ {r['gptq']:.4f} "
+              f"(GPTQ keeps {r['share']:.1%} of RTN's loss); full precision {fp:.4f}", flush=True)
+    print("== memory: the published protocol, four sizes x three precisions", flush=True)
+    cells = [c.__dict__ for c in published_table()]
+    for c in cells:
+        print(f"  Qwen-{c['size']} {c['precision']}: ours {c['ours_gib']:.2f} GiB, published {c['published_gib']:.2f}")
+        if c["ours_gib"] > c["published_gib"]:
+            failures.append(f"memory Qwen-{c['size']} {c['precision']}: {c['ours_gib']:.2f} GiB > published "
+                            f"{c['published_gib']:.2f}")
+    results = {"machine": info, "machine_line": machine_line(info).splitlines()[0],
+               "quality": {"fp_perplexity": fp, "rows": rows}, "memory": cells}
+    for name, args in TIMED:
+        print(f"== {name}: {' '.join(args)}", flush=True)
+        results[name] = run_script(args)
+    results["failures"] = failures
+    results["seconds"] = time.perf_counter() - start
+    (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    rewrite_results_md(markdown(results))
+    plot(results, HERE / "results.png")
+    print(f"wrote benchmarks/results.json, benchmarks/RESULTS.md, benchmarks/results.png in {results['seconds']:.0f} s")
+    if failures:
+        print("QUALITY BARS MISSED:\n  " + "\n  ".join(failures))
+        raise SystemExit(1)
+    print("quality bars: all met")
+
+
+if __name__ == "__main__":
+    main()
