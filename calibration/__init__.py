@@ -115,7 +115,7 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text: {err}") from None
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     if not text:
-        raise ValueError(f"calibration file {path} is empty")
+        raise ValueError(f"file {path} is empty")
     return text
 
 
@@ -124,7 +124,7 @@ def read_token_ids(path: Path) -> torch.Tensor:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{path} must hold a 1-D array of integer token ids, got {ids.dtype} of shape {ids.shape}")
     if ids.size == 0:
-        raise ValueError(f"calibration file {path} is empty")
+        raise ValueError(f"file {path} is empty")
     ids = ids.astype(np.int64)
     if ids.min() < 0:
         raise ValueError(f"{path} holds negative token ids (smallest {ids.min()})")
@@ -169,18 +169,18 @@ def conversation_messages(record: dict) -> list[dict]:
     return messages
 
 
-def load_hub_dataset(name: str):
-    """The train split of a Hub dataset (a datasets.Dataset with a "text" column); a clear error when the Hub cannot
-    be reached."""
+def load_hub_dataset(name: str, split: str = "train"):
+    """A split of a Hub dataset (a datasets.Dataset with a "text" column); a clear error when the Hub cannot be
+    reached."""
     # Imported here: `datasets` is slow to import and only the two Hub sources need it.
     import datasets
 
     try:
         if name == "wikitext2":
-            return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+            return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
         return datasets.load_dataset("allenai/c4", data_files={"train": C4_SHARD}, split="train")
     except OSError as err:  # ConnectionError when offline, FileNotFoundError when absent from the cache
-        raise RuntimeError(f"could not load calibration dataset {name!r} from the Hugging Face Hub ({err}); "
+        raise RuntimeError(f"could not load dataset {name!r} ({split}) from the Hugging Face Hub ({err}); "
                            f"without access to the Hub pass a local .txt, .jsonl or .npy path instead") from err
 
 

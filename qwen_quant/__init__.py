@@ -1,6 +1,7 @@
 """qwen_quant: GPTQ quantization and fast inference for the Qwen (v1) language models."""
 from .config import QuantConfig, QwenConfig
 from .model import QwenForCausalLM
+from .quantize import quantize, summary_table
 from .tokenizer import QwenTokenizer
 
-__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer"]
+__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "quantize", "summary_table"]

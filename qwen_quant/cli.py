@@ -17,7 +17,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
     p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of the mean Hessian diagonal")
-    p.add_argument("--mse", action="store_true", help="search a clipped grid per group (slower, often better)")
+    p.add_argument("--no-mse", dest="mse", action="store_false",
+                   help="the textbook min/max grid instead of the clipped grid searched per group")
     p.add_argument("--dataset", default="c4", help="c4, wikitext2, or a .txt / .jsonl (chats) / .npy file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

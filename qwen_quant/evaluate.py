@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-EVAL_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+from .calibration import load_hub_dataset, read_text
+
+EVAL_DATASETS = ("wikitext2",)  # Hub test splits, joined with "\n\n" as GPTQ does
 
 
 @dataclass
@@ -22,18 +24,12 @@ class PerplexityResult:
     stride: Optional[int]
 
 
-def read_text(path) -> str:
-    """UTF-8 text with any BOM dropped and CRLF / CR line ends normalised to LF."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
     """A 1-D LongTensor of token ids: a dataset name, a .txt file, a .npy of ids, or ids as they are."""
     if isinstance(source, (torch.Tensor, np.ndarray, list)):
         tokens = torch.as_tensor(np.asarray(source), dtype=torch.long).flatten()
     elif str(source) in EVAL_DATASETS:
-        tokens = _encode(tokenizer, _hub_text(str(source)), source)
+        tokens = _encode(tokenizer, "\n\n".join(load_hub_dataset(str(source), split="test")["text"]), source)
     else:
         path = Path(source)
         if not path.is_file():
@@ -53,18 +49,6 @@ def _encode(tokenizer, text: str, source) -> torch.Tensor:
     if tokenizer is None:
         raise ValueError(f"evaluation text {source} needs a tokenizer (the model folder has no qwen.tiktoken)")
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
-
-
-def _hub_text(name: str) -> str:
-    repo, config, split = EVAL_DATASETS[name]
-    try:
-        from datasets import load_dataset
-
-        rows = load_dataset(repo, config, split=split)["text"]
-    except Exception as e:
-        raise RuntimeError(f"could not load {name} ({repo}/{config}, split {split}) through datasets "
-                           f"({type(e).__name__}: {e}); pass a local text file or a .npy of token ids instead") from None
-    return "\n\n".join(rows)  # the exact string GPTQ and AutoGPTQ evaluate
 
 
 @torch.inference_mode()

@@ -34,7 +34,7 @@ def stories_runs(stories_dir, tmp_path_factory):
     for bits, method in [(4, "gptq"), (4, "rtn"), (3, "gptq"), (3, "rtn"), (8, "gptq")]:
         out = root / f"{method}{bits}"
         report = quantize(stories_dir, out, bits=bits, group_size=32, calibration=stories_dir / "calib_ids.npy",
-                          nsamples=128, seqlen=128, method=method, progress=False)
+                          nsamples=128, seqlen=128, method=method, mse=method == "gptq", progress=False)
         ppl = perplexity(load_dequantized(out), eval_ids, seqlen=256, batch_size=64, progress=False).perplexity
         runs[method, bits] = (out, report, ppl)
     return runs
