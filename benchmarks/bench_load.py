@@ -5,9 +5,10 @@ embedding and the untied lm_head) with only --layers blocks (default 2: 1.447 GB
 embedding and lm_head are 1.245 GB). --quick: 1 block and 32768 vocab rows (0.37 GB).
 
 Each load runs in a fresh spawned process: "load peak" is that process's peak RSS minus its RSS before loading
-(torch and qwen_quant already imported). The loader reads memory-mapped safetensors, so the model's tensors may stay
-file-backed and only become resident when read: "touched peak" also reads every parameter once (a strided read), as
-any use of the model does (one element of every 4 KiB page, so no temporary copy inflates the peak). The checkpoint was just written, so its pages are in the page cache (a warm load).
+(torch and qwen_quant already imported). Should the loader map the files instead of reading them, the model's tensors
+would stay file-backed and become resident only when read: "touched peak" therefore also reads every parameter once,
+as any use of the model does (one element of every 4 KiB page, so no temporary copy inflates the peak). The checkpoint
+was just written, so its pages are in the page cache (a warm load).
 The issue's requirement: peak < 1.5x the weights' bytes.
 
     python benchmarks/bench_load.py [--quick] [--layers N] [--json results.json]
@@ -47,7 +48,8 @@ def load_job(folder: str) -> dict:
     # One element of every 4 KiB page: makes each page resident without the temporary float copy a full sum makes.
     checksum = sum(float(p.reshape(-1)[::max(1, 4096 // p.element_size())].float().sum()) for p in model.parameters())
     touch_s = time.perf_counter() - start
-    return {"rss_before": before, "load_s": load_s, "load_peak": load_peak, "rss_parts_before": parts_before, "rss_after_load": after_load,
+    return {"rss_before": before, "load_s": load_s, "load_peak": load_peak, "rss_parts_before": parts_before,
+            "rss_after_load": after_load,
             "touch_s": touch_s, "touched_peak": peak_rss_bytes(), "rss_after_touch": rss_parts(),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "dtype": str(model.dtype), "checksum": checksum}
@@ -96,7 +98,7 @@ def main():
                        ("touched_peak_gib", "touched peak GiB", ".2f"), ("touched_ratio", "/weights", ".2f"),
                        ("anon_growth_gib", "+anon GiB", ".2f"), ("file_growth_gib", "+file GiB", ".2f")]))
     print("peaks are above the child's RSS before loading; +anon / +file: growth of the child's anonymous and "
-          "file-backed (memory-mapped checkpoint) RSS from before loading to after the touch")
+          "file-backed (mapped files, shared libraries) RSS from before loading to after the touch")
     worst = max(max(r["load_ratio"], r["touched_ratio"]) for r in rows)
     verdict = "PASS" if worst < LIMIT_RATIO else "FAIL"
     print(f"{verdict}: worst peak / weights = {worst:.2f} (requirement < {LIMIT_RATIO})")

@@ -10,13 +10,17 @@ Jobs:
 
 "s/block" is the wall time of one block: reading its weights, the calibration forwards and Hessians, GPTQ, the RTN
 comparison, packing, and saving the finished block; "total" also holds reading/embedding the calibration data and
-writing the output checkpoint. Peak RSS is the child process's ru_maxrss (torch and the script included), "above
-start" the part above its RSS before the job; on CUDA also torch.cuda.max_memory_allocated.
---quick (CI, about two minutes on 2 cores): stories GPTQ + RTN, and 1 block of the 1.8B shapes on 32 x 512 tokens.
+writing the output checkpoint. Peak RSS is the child process's high-water mark (torch and the script included),
+"above start" the part above its RSS before the job; on CUDA also torch.cuda.max_memory_allocated.
+--quick (CI: about 45 s on 2 idle cores, several minutes when other processes load them): stories GPTQ + RTN, and
+1 block of the 1.8B shapes (32768 vocab rows, random ids) on 16 x 512 tokens.
 
-    python benchmarks/bench_quantize.py [--quick] [--device cuda] [--shape 7B] [--json results.json]
+    python benchmarks/bench_quantize.py [--quick] [--device cuda] [--shape 7B] [--layers N] [--nsamples N]
+        [--seqlen N] [--calibration wikitext|random] [--mse on|off] [--threads N] [--json results.json]
 """
 import argparse
+import importlib
+import inspect
 import shutil
 import tempfile
 import time
@@ -26,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import GIB, add_common_args, cpu_seconds, isolated, machine, machine_line, peak_rss_bytes, \
+from qwen_quant.config import REAL_VOCAB
+from qwen_quant.quantize import quantize
+
+from common import GIB, add_common_args, cpu_seconds, isolated, machine, machine_line, peak_rss_bytes, revision, \
     shared_data_dir, table, write_json
 
 TARGET_S_PER_BLOCK, TARGET_PEAK_GIB = 20.0, 1.5  # at Qwen-1.8B shapes, 128 x 512 tokens, 4-bit g128, 2 cores
@@ -34,12 +41,12 @@ PEER = "GPTQModel 7.6.0: 61 s per block, 3.45 GiB peak RSS for 1.45 GB of bf16 w
 TIMED = ("embed_calibration", "fill_module", "quantize_block", "write_atomic", "write_shards")
 
 
-def make_checkpoint(folder: str, shape: str, layers: int) -> int:
+def make_checkpoint(folder: str, shape: str, layers: int, vocab: int) -> int:
     from qwen_quant.published import SIZES
     from qwen_quant.synthetic import save_random_checkpoint
 
     config = SIZES[shape].config()
-    config.num_hidden_layers = layers
+    config.num_hidden_layers, config.vocab_size = layers, vocab
     save_random_checkpoint(folder, config, torch.bfloat16, seed=0)
     return checkpoint_bytes(folder)
 
@@ -48,9 +55,11 @@ def checkpoint_bytes(folder) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def quantize_job(model_dir: str, out_dir: str, settings: dict) -> dict:
+def quantize_job(model_dir: str, out_dir: str, settings: dict, threads: int = None) -> dict:
     """quantize() with its stages timed by wrapping the module's own functions (the code is unchanged)."""
-    import qwen_quant.quantize as q
+    if threads:
+        torch.set_num_threads(threads)
+    q = importlib.import_module("qwen_quant.quantize")  # the module: the package exports a function of that name
 
     seconds, cpu, peaks = defaultdict(list), defaultdict(list), defaultdict(list)
 
@@ -60,6 +69,8 @@ def quantize_job(model_dir: str, out_dir: str, settings: dict) -> dict:
             try:
                 return fn(*args, **kwargs)
             finally:
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()  # CUDA work is asynchronous: charge it to the stage that queued it
                 seconds[name].append(time.perf_counter() - start)
                 cpu[name].append(cpu_seconds() - start_cpu)
                 peaks[name].append(peak_rss_bytes())
@@ -87,9 +98,9 @@ def quantize_job(model_dir: str, out_dir: str, settings: dict) -> dict:
                         "rtn_loss": r.rtn_loss, "seconds": r.seconds} for r in report.layers]}
 
 
-def run(label: str, model_dir, out_dir, weights: int, settings: dict) -> dict:
+def run(label: str, model_dir, out_dir, weights: int, settings: dict, threads: int = None) -> dict:
     print(f"running {label} ...", flush=True)
-    child = isolated(quantize_job, str(model_dir), str(out_dir), settings)
+    child = isolated(quantize_job, str(model_dir), str(out_dir), settings, threads)
     r = child["result"]
     shutil.rmtree(out_dir, ignore_errors=True)
     blocks = r["blocks"]
@@ -110,12 +121,12 @@ def run(label: str, model_dir, out_dir, weights: int, settings: dict) -> dict:
     return row
 
 
-def calibration_source(kind: str, model_dir: Path, data: Path, tmp: Path):
+def calibration_source(kind: str, model_dir: Path, data: Path, tmp: Path, vocab: int):
     if kind == "wikitext":
         shutil.copyfile(data / "qwen_tiktoken" / "qwen.tiktoken", model_dir / "qwen.tiktoken")  # temp folder only
         return str(data / "wikitext2" / "raw_test_hf_joined" / "wikitext-test.txt")
     ids = tmp / "random_ids.npy"
-    np.save(ids, np.random.default_rng(0).integers(0, 151851, size=2**20, dtype=np.int64))
+    np.save(ids, np.random.default_rng(0).integers(0, min(vocab, REAL_VOCAB), size=2**20, dtype=np.int64))
     return str(ids)
 
 
@@ -125,16 +136,28 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--shape", choices=("1.8B", "7B"), default="1.8B", help="shapes of the random model's blocks")
     parser.add_argument("--layers", type=int, help="blocks of the random model (default 2, --quick 1)")
-    parser.add_argument("--nsamples", type=int, help="calibration windows of the random model (default 128, --quick 32)")
+    parser.add_argument("--nsamples", type=int,
+                        help="calibration windows of the random model (default 128, --quick 16)")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--calibration", choices=("wikitext", "random"), default="wikitext")
+    parser.add_argument("--vocab", type=int, help="embedding and lm_head rows of the random model (default 151936, "
+                        "--quick 32768: only the embedding, the export and the weights' size depend on it)")
+    parser.add_argument("--calibration", choices=("wikitext", "random"),
+                        help="default wikitext; random when --vocab is below the tokenizer's 151851 ids")
+    parser.add_argument("--mse", choices=("on", "off"), help="quantize()'s clipping search (default: its default)")
+    parser.add_argument("--threads", type=int, help="torch threads of the quantizing process (default: torch's)")
     parser.add_argument("--skip-stories", action="store_true")
     parser.add_argument("--skip-rtn", action="store_true", help="no RTN run on the random model")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     layers = args.layers or (1 if args.quick else 2)
-    nsamples = args.nsamples or (32 if args.quick else 128)
+    nsamples = args.nsamples or (16 if args.quick else 128)
+    vocab = args.vocab or (32768 if args.quick else 151936)
+    extra = {} if args.mse is None else {"mse": args.mse == "on"}
+    mse = extra.get("mse", inspect.signature(quantize).parameters["mse"].default)
+    calibration_kind = args.calibration or ("wikitext" if vocab >= REAL_VOCAB else "random")
+    if calibration_kind == "wikitext" and vocab < REAL_VOCAB:
+        raise SystemExit(f"--calibration wikitext needs --vocab >= {REAL_VOCAB} (the tokenizer's ids)")
     data = shared_data_dir()
     info = machine()
     print(machine_line(info))
@@ -147,23 +170,26 @@ def main():
             weights = checkpoint_bytes(stories)
             for method in ("gptq", "rtn"):
                 settings = dict(bits=4, group_size=32, method=method, device=args.device, nsamples=128, seqlen=128,
-                                calibration=str(stories / "calib_ids.npy"))
-                rows.append(run(f"stories260k {method.upper()} 4-bit g32", stories, tmp / "out", weights, settings))
+                                calibration=str(stories / "calib_ids.npy"), **extra)
+                rows.append(run(f"stories260k {method.upper()} 4-bit g32", stories, tmp / "out", weights, settings,
+                                args.threads))
 
         model_dir = tmp / f"qwen_{args.shape}_{layers}"
-        print(f"writing a random Qwen-{args.shape}-shaped checkpoint, {layers} blocks, bf16 ...", flush=True)
-        weights = isolated(make_checkpoint, str(model_dir), args.shape, layers)["result"]
-        calibration = calibration_source(args.calibration, model_dir, data, tmp)
+        print(f"writing a random Qwen-{args.shape}-shaped checkpoint, {layers} blocks, {vocab} vocab rows, bf16 ...",
+              flush=True)
+        weights = isolated(make_checkpoint, str(model_dir), args.shape, layers, vocab)["result"]
+        calibration = calibration_source(calibration_kind, model_dir, data, tmp, vocab)
         for method in ("gptq",) + (() if args.skip_rtn or args.quick else ("rtn",)):
             settings = dict(bits=4, group_size=128, method=method, device=args.device, nsamples=nsamples,
-                            seqlen=args.seqlen, calibration=calibration)
+                            seqlen=args.seqlen, calibration=calibration, **extra)
             rows.append(run(f"Qwen-{args.shape} shapes x{layers} {method.upper()} 4-bit g128", model_dir, tmp / "out",
-                            weights, settings))
+                            weights, settings, args.threads))
 
     print()
     print(machine_line(info))
-    print(f"random model: Qwen-{args.shape} shapes, {layers} block(s), 151936 vocab rows, bf16; calibration "
-          f"{nsamples} x {args.seqlen} tokens ({args.calibration}); device {args.device}")
+    print(f"qwen_quant {revision()}, mse (clipping search) {'on' if mse else 'off'}; random model: Qwen-{args.shape} "
+          f"shapes, {layers} block(s), {vocab} vocab rows, bf16; calibration {nsamples} x {args.seqlen} tokens "
+          f"({calibration_kind}); device {args.device}" + (f"; {args.threads} torch thread(s)" if args.threads else ""))
     columns = [("job", "job", ""), ("nsamples", "samples", "d"), ("seqlen", "seqlen", "d"), ("blocks", "blocks", "d"),
                ("total_s", "total s", ".1f"), ("s_per_block", "s/block", ".2f"),
                ("cpu_s_per_block", "cpu s/block", ".2f"), ("embed_s", "calib s", ".1f"),
@@ -174,16 +200,24 @@ def main():
         columns.insert(9, ("peak_cuda_gib", "peak CUDA GiB", ".2f"))
     print(table(rows, columns))
     print("s/block: mean wall time of a block (read + calibrate + quantize + pack + save); cpu s/block: its CPU time "
-          f"(all {torch.get_num_threads()} threads); calib s: reading, tokenizing and embedding the calibration windows; "
+          f"(all {args.threads or torch.get_num_threads()} threads); calib s: reading, tokenizing and embedding the "
+          "calibration windows; "
           "export s: writing the output checkpoint")
     for row in rows:
         if row["job"].startswith("Qwen-1.8B") and row["method"] == "gptq" and args.device == "cpu":
+            if (row["nsamples"], row["seqlen"]) != (128, 512):
+                print(f"(the target of {TARGET_S_PER_BLOCK:g} s/block and {TARGET_PEAK_GIB:g} GiB is set for 128 x 512 "
+                      f"tokens: not judged on {row['nsamples']} x {row['seqlen']})")
+                continue
             ok = row["s_per_block"] <= TARGET_S_PER_BLOCK and row["peak_rss_gib"] <= TARGET_PEAK_GIB
-            print(f"{'MEETS' if ok else 'MISSES'} the target ({TARGET_S_PER_BLOCK:g} s/block, {TARGET_PEAK_GIB:g} GiB): "
+            verdict = "MEETS" if ok else "MISSES"
+            print(f"{verdict} the target ({TARGET_S_PER_BLOCK:g} s/block, {TARGET_PEAK_GIB:g} GiB): "
                   f"{row['s_per_block']:.1f} s/block, {row['peak_rss_gib']:.2f} GiB "
                   f"({row['nsamples']} x {row['seqlen']} tokens, {row['blocks']} block(s)); peer: {PEER}")
-    write_json(args.json, {"benchmark": "bench_quantize", "machine": info, "quick": args.quick, "device": args.device,
-                           "shape": args.shape, "layers": layers, "calibration": args.calibration, "rows": rows})
+    write_json(args.json, {"benchmark": "bench_quantize", "machine": info, "revision": revision(), "quick": args.quick,
+                           "device": args.device, "shape": args.shape, "layers": layers, "vocab": vocab, "mse": mse,
+                           "calibration": calibration_kind, "threads": args.threads or torch.get_num_threads(),
+                           "rows": rows})
 
 
 if __name__ == "__main__":

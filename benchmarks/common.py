@@ -4,15 +4,14 @@
 
 `isolated(fn, *args, **kwargs)` runs `fn` (a module-level function; arguments and result picklable) in a freshly
 spawned Python process, so the memory it reports belongs to that job alone. The child records its RSS before the
-job (torch and the script already imported) and its high-water mark `ru_maxrss` after it; on CUDA also
-`torch.cuda.max_memory_allocated` (reset before the job).
+job (torch and the script already imported) and its high-water mark after it (VmHWM, see peak_rss_bytes); on CUDA
+also `torch.cuda.max_memory_allocated` (reset before the job). Also its wall and CPU seconds.
 """
 import json
 import multiprocessing
 import os
 import platform
 import resource
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,8 +29,9 @@ def machine() -> dict:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info = {"cpu": cpu, "cores": cores, "memory_gib": round(memory / GIB, 1), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -47,6 +47,21 @@ def machine_line(info: dict = None) -> str:
     if info["load_avg_1min"] > 0.5 * info["cores"]:
         line += "\nWARNING: other processes are using the CPUs: wall times are inflated (cpu s is steadier)"
     return line
+
+
+def revision() -> str:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (read-only git calls)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def rss_bytes() -> int:
@@ -67,9 +82,13 @@ def rss_parts() -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """High-water mark of this process's RSS so far: VmHWM, which starts afresh in a spawned child (ru_maxrss would
+    carry over the parent's peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cpu_seconds() -> float:
@@ -95,9 +114,8 @@ def _run_child(fn, args, kwargs) -> dict:
 
 def isolated(fn, *args, **kwargs) -> dict:
     """Run fn(*args, **kwargs) in a fresh spawned process. Returns {"result", "seconds", "cpu_seconds" (user + system,
-    all threads), "baseline_rss_bytes",
-    "peak_rss_bytes", "peak_rss_above_baseline_bytes", "peak_cuda_bytes"}; an exception in the child is raised
-    here with the child's traceback."""
+    all threads), "baseline_rss_bytes", "peak_rss_bytes", "peak_rss_above_baseline_bytes", "peak_cuda_bytes"}; an
+    exception in the child is raised here with the child's traceback."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_run_child, fn, args, kwargs).result()
 
@@ -117,7 +135,8 @@ def shared_data_dir() -> Path:
     """The team's real data: $QWEN_QUANT_DATA, else ../shared/data beside the checkout (as the tests read it)."""
     root = Path(os.environ.get("QWEN_QUANT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not (root / "stories260k_qwen" / "config.json").is_file():
-        raise SystemExit(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding stories260k_qwen/")
+        raise SystemExit(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding "
+                         "stories260k_qwen/")
     return root
 
 

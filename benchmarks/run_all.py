@@ -35,7 +35,7 @@ def run_script(args: list) -> dict:
 
 def markdown(results: dict) -> str:
     q = results["quality"]
-    lines = [f"Machine: {results['machine_line']}", "",
+    lines = [results["machine_line"], "",
              f"**Quality** (stories260k_qwen, full precision {q['fp_perplexity']:.4f}; 128 x 128 calibration "
              "windows, 256-token evaluation windows):", "",
              "| bits | group | RTN ppl | GPTQ ppl | GPTQ share of RTN's loss | bar |", "|---|---|---|---|---|---|"]

@@ -8,11 +8,11 @@ import logging
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from .config import QwenConfig
 from .published import find_published, published_names
@@ -120,6 +120,7 @@ class WeightReader:
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def read_safetensors_header(file: Path) -> dict:
@@ -241,28 +242,49 @@ def load_dequantized(path_or_name, dtype=torch.float32, device=None):
 
 def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, metadata: Optional[dict] = None) -> int:
     """Stream (name, tensor) pairs into model.safetensors, or model-0000i-of-0000n.safetensors plus the index,
-    starting a new shard when the next tensor would pass max_shard_bytes. Returns the total bytes of tensors."""
+    starting a new shard when the next tensor would pass max_shard_bytes. Returns the total bytes of tensors.
+
+    Each tensor goes to disk as it arrives (the shard's header, which must come first, is written once the shard is
+    complete), so only one tensor is in memory at a time."""
     folder = Path(folder)
     metadata = {"format": "pt", **(metadata or {})}
     shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = total = 0
+    entries: dict[str, dict] = {}
+    data = None
+    total = 0
 
-    def flush():
-        save_file(pending, str(folder / f"shard-{len(shards):05d}.tmp"), metadata=metadata)
-        shards.append(list(pending))
-        pending.clear()
+    def finish_shard():
+        header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # keeps the data 8-byte aligned, as safetensors writes it
+        with open(folder / f"shard-{len(shards):05d}.tmp", "wb") as out:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            data.seek(0)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        data.close()
+        shards.append(list(entries))
+        entries.clear()
 
-    for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
-            flush()
-            pending_bytes = 0
-        pending[name] = tensor.contiguous()
-        pending_bytes += size
-        total += size
-    if pending or not shards:
-        flush()
+    try:
+        for name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if entries and data.tell() + size > max_shard_bytes:
+                finish_shard()
+            if not entries:
+                data = tempfile.TemporaryFile(dir=folder)
+            begin = data.tell()
+            if size:
+                data.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            entries[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [begin, begin + size]}
+            total += size
+        if entries or not shards:
+            if data is None:
+                data = tempfile.TemporaryFile(dir=folder)
+            finish_shard()
+    finally:
+        if data is not None:
+            data.close()
     if len(shards) == 1:
         os.replace(folder / "shard-00000.tmp", folder / SINGLE_NAME)
         return total

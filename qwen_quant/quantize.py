@@ -142,6 +142,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             report.layers += layers
         del block
     bar.close()
+    hidden = None  # the calibration activations are done with: free them before the export reads the big tensors
 
     out = work / "checkpoint"
     if out.exists():

@@ -127,3 +127,14 @@ def test_write_shards_streams_and_indexes(tmp_path):
     reader = WeightReader(tmp_path)
     assert all(torch.equal(reader.get(n), t) for n, t in tensors)
     assert not list(tmp_path.glob("*.tmp"))
+    # The files are plain safetensors: the reference library reads them too.
+    shard = load_file(tmp_path / "model-00002-of-00003.safetensors")
+    assert list(shard) == ["t2", "t3"] and torch.equal(shard["t3"], tensors[3][1])
+
+
+def test_write_single_file_of_mixed_dtypes(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.int32).view(2, 3), "b": torch.randn(5).bfloat16(),
+               "c": torch.randn(3, 1).half(), "d": torch.zeros(0)}
+    write_shards(iter(tensors.items()), tmp_path)
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())

@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import numpy as np
@@ -5,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qwen_quant.quantize as quantize_module
 from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
@@ -13,6 +13,8 @@ from qwen_quant.gptq import gptq_quantize
 from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint, tiny_config
 
+# The module, not the function qwen_quant.quantize that the package exports under the same name.
+quantize_module = importlib.import_module("qwen_quant.quantize")
 FP_PERPLEXITY = 5.667345  # stories260k_qwen model card, 256-token windows
 
 
