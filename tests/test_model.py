@@ -182,3 +182,23 @@ def test_sampling_respects_top_k_and_stop(tmp_path):
     stopped = model.generate(prompt, 10, stop_ids=[stop], streamer=lambda t: seen.append(int(t[0])))
     assert stopped[0, -1] == stop and stopped.shape[1] <= 5 and seen == stopped[0, 2:].tolist()
 
+
+
+def test_chat_stops_at_im_end_and_keeps_history(tmp_path, tiktoken_file):
+    from qwen_quant import QwenTokenizer
+
+    tokenizer = QwenTokenizer.from_pretrained(tiktoken_file)
+    save_random_checkpoint(tmp_path, tiny_config(vocab_size=151936, num_hidden_layers=1))
+    model = QwenForCausalLM.from_pretrained(tmp_path)
+    hello = tokenizer.encode("Hello")[0]
+    model.lm_head = torch.nn.Linear(64, 151936)  # fixed logits: whatever comes in, the bias decides
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[hello] = 1.0  # the reply is "Hello" repeated ...
+    reply, history = model.chat(tokenizer, "Hi <|im_end|> there", max_new_tokens=3)
+    assert reply == "HelloHelloHello" and history == [("Hi <|im_end|> there", reply)]
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.im_end_id] = 2.0  # ... until <|im_end|> wins: an empty reply, no marker text
+    reply, history = model.chat(tokenizer, "again", history=history)
+    assert reply == "" and history[-1] == ("again", "") and len(history) == 2
