@@ -8,14 +8,14 @@ bandwidth measured here.
     python benchmarks/bench_kernels.py [--quick] [--json results.json] [--threads N]
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from common import add_common_args, machine, machine_line, write_json
 
 from qwen_quant import packing
 from qwen_quant.qlinear import QuantLinear
@@ -25,21 +25,6 @@ QWEN_7B_SHAPES = [(4096, 12288), (4096, 4096), (4096, 11008), (11008, 4096)]
 CPU_M = (1, 4, 16)
 CUDA_M = (1, 16, 64, 2048)
 GROUP_SIZE = 128
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    # Other processes distort CPU timings: the load average tells a reader whether the figures can be trusted.
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def symmetric_layer(K: int, N: int, bits: int, backend: str, device, dtype) -> QuantLinear:
@@ -132,23 +117,20 @@ def bench_cuda(quick: bool) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
-    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    add_common_args(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()
-    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    print(machine_line(info))
     rows = bench_cpu(repeats=10 if args.quick else 50)
     if torch.cuda.is_available():
         rows += bench_cuda(args.quick)
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     print(f"load average at the end: {info['load_avg_1min_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, {"machine": info, "results": rows})
 
 
 if __name__ == "__main__":
