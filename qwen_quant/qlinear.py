@@ -484,7 +484,7 @@ class CpuInt8QuantLinear(QuantLinear):
 
     def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
         super().__init__(w, perm, bias, dtype, group_size, name)
-        K, N, G = w.in_features, w.out_features, w.scales.shape[0]
+        K, G = w.in_features, w.scales.shape[0]
         self.group = w.group if G > 1 else K
         scales = w.scales.to(torch.bfloat16)
         self._buffer("zero_scales",

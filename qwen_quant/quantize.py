@@ -229,25 +229,25 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     h, ff = attn.c_proj.in_features, mlp.c_proj.in_features
     parts = chunks(hidden.shape[0], hidden.shape[1])
     # Stage 1: c_attn sees ln_1(x).
-    acc = accumulator(h, prefix + "attn.c_attn", hidden.device)
+    acc = HessianAccumulator(h, prefix + "attn.c_attn", hidden.device)
     for s in parts:
         acc.add_batch(block.ln_1(hidden[s]))
     quantize_group(["attn.c_attn"], acc)
     # Stage 2: c_proj sees the attention output computed with the quantized c_attn.
     mixed = torch.empty_like(hidden)
-    acc = accumulator(h, prefix + "attn.c_proj", hidden.device)
+    acc = HessianAccumulator(h, prefix + "attn.c_proj", hidden.device)
     for s in parts:
         mixed[s] = attn.mix(attn.c_attn(block.ln_1(hidden[s])), rope)
         acc.add_batch(mixed[s])
     quantize_group(["attn.c_proj"], acc)
     # Stage 3: w1 and w2 share their input ln_2(x + c_proj(...)); `mixed` now holds the residual stream.
-    acc = accumulator(h, prefix + "mlp.w1+w2", hidden.device)
+    acc = HessianAccumulator(h, prefix + "mlp.w1+w2", hidden.device)
     for s in parts:
         mixed[s] = hidden[s] + attn.c_proj(mixed[s])
         acc.add_batch(block.ln_2(mixed[s]))
     quantize_group(["mlp.w1", "mlp.w2"], acc)
     # Stage 4: mlp.c_proj sees up * silu(gate) from the quantized w1, w2.
-    acc = accumulator(ff, prefix + "mlp.c_proj", hidden.device)
+    acc = HessianAccumulator(ff, prefix + "mlp.c_proj", hidden.device)
     for s in parts:
         acc.add_batch(mlp.hidden(block.ln_2(mixed[s])))
     quantize_group(["mlp.c_proj"], acc)
@@ -255,10 +255,6 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     for s in parts:
         hidden[s] = mixed[s] + mlp(block.ln_2(mixed[s]))
     return tensors, layers
-
-
-def accumulator(features: int, name: str, device) -> HessianAccumulator:
-    return HessianAccumulator(features, name=name, device=device)
 
 
 @torch.inference_mode()
