@@ -25,41 +25,40 @@ def values_per_period(bits: int) -> tuple[int, int]:
 
 
 def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack q [L, C] (values 0..2^bits-1) along dim 0 into int32 [L * bits / 32, C]."""
+    """Pack q [L, C] (values 0..2^bits-1) along dim 0 into int32 [L * bits / 32, C], on q's device."""
     values, words = values_per_period(bits)
     length, cols = q.shape
     if length % values:
         raise ValueError(f"cannot pack {length} {bits}-bit values: the count must be a multiple of {values}")
-    q = q.to(torch.int64).reshape(length // values, values, cols)
     if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
         raise ValueError(f"integer codes out of range for {bits} bits: [{int(q.min())}, {int(q.max())}]")
-    out = torch.zeros(length // values, words, cols, dtype=torch.int64)
+    periods = q.to(torch.int32).view(length // values, values, cols)
+    out = torch.zeros(length // values, words, cols, dtype=torch.int32, device=q.device)
     for j in range(values):
-        offset = bits * j
-        word, shift = divmod(offset, 32)
-        out[:, word] |= (q[:, j] << shift) & 0xFFFFFFFF
+        word, shift = divmod(bits * j, 32)
+        out[:, word] |= periods[:, j] << shift  # int32 shifts drop the bits beyond 32 ...
         if shift + bits > 32:
-            out[:, word + 1] |= q[:, j] >> (32 - shift)
-    out = out.reshape(-1, cols)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+            out[:, word + 1] |= periods[:, j] >> (32 - shift)  # ... which continue in the next word
+    return out.view(length // values * words, cols)
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of _pack_rows: int32 [L * bits / 32, C] -> int32 [L, C]."""
+    """Inverse of _pack_rows: int32 [L * bits / 32, C] -> int32 [L, C], on packed's device."""
     values, words = values_per_period(bits)
     rows, cols = packed.shape
     if rows % words:
         raise ValueError(f"{rows} packed rows do not hold whole groups of {words} words for {bits} bits")
-    w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // words, words, cols)
     mask = (1 << bits) - 1
-    out = torch.empty(rows // words, values, cols, dtype=torch.int64)
+    periods = packed.to(torch.int32).view(rows // words, words, cols)
+    out = torch.empty(rows // words, values, cols, dtype=torch.int32, device=packed.device)
     for j in range(values):
         word, shift = divmod(bits * j, 32)
-        v = w[:, word] >> shift
+        # Arithmetic shifts of negative words are harmless: the masks keep only the bits of this field.
+        code = periods[:, word] >> shift
         if shift + bits > 32:
-            v = v | (w[:, word + 1] << (32 - shift))
-        out[:, j] = v & mask
-    return out.reshape(-1, cols).to(torch.int32)
+            code = (code & ((1 << (32 - shift)) - 1)) | (periods[:, word + 1] << (32 - shift))
+        out[:, j] = code & mask
+    return out.view(rows // words * values, cols)
 
 
 def pack_qweight(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:

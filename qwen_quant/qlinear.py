@@ -58,44 +58,7 @@ class SortedGptqWeight:
         return bool((self.zeros == 2 ** (self.bits - 1)).all())
 
     def codes(self) -> torch.Tensor:
-        return unpack_codes(self.qweight, self.bits)
-
-
-def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """qweight int32 [K * bits / 32, N] -> codes int32 [K, N] on qweight's device (packing.unpack_qweight runs on
-    the CPU in int64; this is the per-call path of the torch backend)."""
-    values, words = packing.values_per_period(bits)
-    rows, n = qweight.shape
-    mask = (1 << bits) - 1
-    if words == 1:
-        shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
-        # Arithmetic shifts of negative words are harmless: the mask keeps only bits from inside the word.
-        return ((qweight.view(rows, 1, n) >> shifts.view(1, -1, 1)) & mask).view(rows * values, n)
-    # 3 bits: 32 codes in 3 words, a code crossing a word boundary takes its high bits from the next word.
-    periods = qweight.view(rows // words, words, n)
-    out = torch.empty(rows // words, values, n, dtype=torch.int32, device=qweight.device)
-    for j in range(values):
-        word, shift = divmod(bits * j, 32)
-        code = periods[:, word] >> shift
-        if shift + bits > 32:
-            code = (code & ((1 << (32 - shift)) - 1)) | (periods[:, word + 1] << (32 - shift))
-        out[:, j] = code & mask
-    return out.view(rows // words * values, n)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of unpack_codes, on codes' device (packing.pack_qweight runs on the CPU in int64, several times
-    slower: this repacks act-order weights at load time)."""
-    values, words = packing.values_per_period(bits)
-    k, n = codes.shape
-    periods = codes.to(torch.int32).view(k // values, values, n)
-    out = torch.zeros(k // values, words, n, dtype=torch.int32, device=codes.device)
-    for j in range(values):
-        word, shift = divmod(bits * j, 32)
-        out[:, word] |= periods[:, j] << shift  # int32 shifts drop the bits beyond 32 ...
-        if shift + bits > 32:
-            out[:, word + 1] |= periods[:, j] >> (32 - shift)  # ... which continue in the next word
-    return out.view(k // values * words, n)
+        return packing.unpack_qweight(self.qweight, self.bits)
 
 
 def _label(name: str, tensor: str) -> str:
@@ -159,7 +122,7 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
         perm = None
     if perm is not None:
         # Act-order: permute the input rows once, here, so every kernel sees contiguous groups.
-        qweight = pack_codes(unpack_codes(qweight, bits)[perm], bits)
+        qweight = packing.pack_qweight(packing.unpack_qweight(qweight, bits)[perm], bits)
     standard = torch.equal(row_group, torch.arange(K, device=row_group.device) // group)
     zeros = packing.unpack_qzeros(qzeros.cpu(), bits, checkpoint_format).to(qzeros.device)
     sorted_weight = SortedGptqWeight(qweight=qweight, zeros=zeros, scales=scales,
@@ -372,7 +335,7 @@ class TorchQuantLinear(QuantLinear):
         self._buffer("row_group", w.row_group)
 
     def _sorted_weight_kn(self) -> torch.Tensor:
-        codes = unpack_codes(self.qweight, self.bits).to(torch.float32)
+        codes = packing.unpack_qweight(self.qweight, self.bits).to(torch.float32)
         scales = self.scales.to(torch.float32)
         zeros = self.zeros.to(torch.float32) if self.zeros is not None else None
         K, G = self.in_features, scales.shape[0]

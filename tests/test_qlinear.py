@@ -255,11 +255,11 @@ def test_error_messages_name_the_layer_and_tensor():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_device_local_packing_matches_packing_module(bits):
+def test_packing_round_trips(bits):
     codes = torch.randint(0, 2 ** bits, (96, 40), dtype=torch.int32)
     packed = packing.pack_qweight(codes, bits)
-    assert torch.equal(qlinear.pack_codes(codes, bits), packed)
-    assert torch.equal(qlinear.unpack_codes(packed, bits), codes)
+    assert packed.dtype == torch.int32 and packed.shape == (96 * bits // 32, 40)
+    assert torch.equal(packing.unpack_qweight(packed, bits), codes)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
