@@ -1,4 +1,5 @@
 """Random Qwen checkpoints with real layouts and shapes, for tests and benchmarks (no weights to download)."""
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -44,8 +45,9 @@ def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torc
                            max_shard_bytes: int = 4 * 10**9) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config.torch_dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-    config.save(folder)
+    # The caller's config is left as it was: the saved copy records the dtype written.
+    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    dataclasses.replace(config, torch_dtype=dtype_name).save(folder)
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
     write_shards(random_tensors(config, dtype, seed), folder, max_shard_bytes)
     return folder
@@ -75,8 +77,6 @@ def random_quantized_tensors(config: QwenConfig, quant: QuantConfig, seed: int =
 def save_random_quantized_checkpoint(folder, config: QwenConfig, quant: QuantConfig, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config.torch_dtype = "float16"
-    config.quantization_config = quant
-    config.save(folder)
+    dataclasses.replace(config, torch_dtype="float16", quantization_config=quant).save(folder)
     write_shards(random_quantized_tensors(config, quant, seed), folder)
     return folder
