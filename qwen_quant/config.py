@@ -1,6 +1,7 @@
 """Configuration of a Qwen (v1) checkpoint, read from its config.json."""
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -9,6 +10,33 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REAL_VOCAB = 151851  # ids past this are embedding padding: never valid predictions with the Qwen tokenizer
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1, and 4.0 is not 4
+
+
+def field_problems(obj, positive_ints=(), positive_numbers=(), flags=()) -> list[str]:
+    """What is wrong with obj's fields, one line per field: the one type and range check of every config."""
+    problems = []
+    for name in positive_ints:
+        value = getattr(obj, name)
+        if not _is_int(value) or value <= 0:
+            problems.append(f"{name}={value!r} must be a positive integer")
+    for name in positive_numbers:
+        value = getattr(obj, name)
+        if not (_is_int(value) or isinstance(value, float) and math.isfinite(value)) or value <= 0:
+            problems.append(f"{name}={value!r} must be a finite number > 0")
+    for name in flags:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            problems.append(f"{name}={value!r} must be true or false (a JSON boolean)")
+    return problems
+
+
+def _require_object(d, source: str) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} must be a JSON object of fields, not a {type(d).__name__}")
 
 
 @dataclass
@@ -24,20 +52,33 @@ class QuantConfig:
     true_sequential: bool = True
     checkpoint_format: str = "gptq"  # "gptq" (v1, zero stored minus one; Qwen's files) or "gptq_v2"
 
+    def __post_init__(self):
+        from .packing import FORMATS, SUPPORTED_BITS  # packing knows the formats and widths
+
+        problems = field_problems(self, flags=("desc_act", "static_groups", "sym", "true_sequential"))
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+            problems.append(f"bits={self.bits!r} must be one of the integers {SUPPORTED_BITS}")
+        if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
+            problems.append(f"group_size={self.group_size!r} must be a positive integer or -1 (per channel)")
+        damp = self.damp_percent
+        if not (_is_int(damp) or isinstance(damp, float)) or not 0 <= damp <= 1:  # NaN fails the range too
+            problems.append(f"damp_percent={damp!r} must be a number in [0, 1]")
+        if not isinstance(self.checkpoint_format, str) or self.checkpoint_format not in FORMATS:
+            problems.append(f"checkpoint_format={self.checkpoint_format!r} must be one of {FORMATS}")
+        if problems:
+            raise ValueError("invalid quantization config: " + "; ".join(problems))
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "quantization_config") -> "QuantConfig":
+        _require_object(d, source)
         method = d.get("quant_method", "gptq")
         if method != "gptq":
             raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'gptq')")
         names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        from .packing import check_bits, check_format  # packing knows the formats and widths
-
-        check_bits(cfg.bits)
-        check_format(cfg.checkpoint_format)
-        if cfg.group_size != -1 and cfg.group_size <= 0:
-            raise ValueError(f"{source}: group_size {cfg.group_size} must be positive or -1")
-        return cfg
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:
         """The published layout: the quantize_config.json keys, plus checkpoint_format only when it is not v1."""
@@ -71,13 +112,17 @@ class QwenConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    # seq_length divides positions under dynamic NTK and logN; epsilon and base feed every norm and rotation.
+    POSITIVE_INTS = REQUIRED + ("kv_channels", "seq_length", "max_position_embeddings")
+    POSITIVE_NUMBERS = ("layer_norm_epsilon", "rotary_emb_base")
+    FLAGS = ("use_dynamic_ntk", "use_logn_attn", "no_bias", "tie_word_embeddings")
 
     def __post_init__(self):
-        if self.kv_channels is None:
+        if self.kv_channels is None and not field_problems(self, ("hidden_size", "num_attention_heads")):
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        problems = [f"{k}={getattr(self, k)!r} must be a positive integer" for k in self.REQUIRED + ("kv_channels",)
-                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
-                    or getattr(self, k) <= 0]
+        problems = field_problems(self, self.POSITIVE_INTS, self.POSITIVE_NUMBERS, self.FLAGS)
+        if self.local_window_size is not None:
+            problems += field_problems(self, ("local_window_size",))
         if not problems and self.kv_channels * self.num_attention_heads != self.hidden_size:
             problems.append(f"kv_channels {self.kv_channels} x num_attention_heads {self.num_attention_heads} "
                             f"!= hidden_size {self.hidden_size}")
@@ -85,7 +130,7 @@ class QwenConfig:
             problems.append(f"intermediate_size {self.intermediate_size} must be even (twice the MLP width)")
         if self.rotary_pct != 1.0:
             problems.append(f"rotary_pct {self.rotary_pct} is not supported (Qwen v1 uses 1.0)")
-        if self.torch_dtype not in DTYPES:
+        if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
             problems.append(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
         if problems:
             raise ValueError("invalid Qwen config: " + "; ".join(problems))
@@ -104,6 +149,7 @@ class QwenConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "QwenConfig":
+        _require_object(d, source)
         missing = [k for k in cls.REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{source} lacks required field(s) {missing}")
@@ -113,14 +159,17 @@ class QwenConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config"}
         known = {k: v for k, v in d.items() if k in names}
         if "torch_dtype" not in d:  # old Qwen configs only carry the bf16/fp16/fp32 flags
+            flags = [f"{k}={d[k]!r}" for k in ("bf16", "fp16") if k in d and not isinstance(d[k], bool)]
+            if flags:
+                raise ValueError(f"{source}: {', '.join(flags)} must be true or false (a JSON boolean)")
             known["torch_dtype"] = "bfloat16" if d.get("bf16") else "float16" if d.get("fp16") else "float32"
         extra = {k: v for k, v in d.items() if k not in names and k != "quantization_config"}
         quant = d.get("quantization_config")
+        if quant is not None:
+            quant = QuantConfig.from_dict(quant, f"{source} quantization_config")
         try:
-            return cls(**known, extra=extra,
-                       quantization_config=QuantConfig.from_dict(quant, f"{source} quantization_config")
-                       if quant else None)
-        except (TypeError, ValueError) as e:
+            return cls(**known, extra=extra, quantization_config=quant)
+        except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
     @classmethod
