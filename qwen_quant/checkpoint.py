@@ -154,6 +154,9 @@ def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") 
         tensor = reader.get(full)
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(f"tensor {full} has shape {list(tensor.shape)}, the config needs {list(param.shape)}")
+        if param.is_floating_point() and not tensor.is_floating_point():
+            raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
+                             "float weight: the checkpoint is corrupt")
         yield name, tensor
 
 
@@ -192,7 +195,7 @@ def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", all
                     *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in ("g_idx", "bias")),
                     bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
                     backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
-                    out_features=dense.out_features))
+                    out_features=dense.out_features, sym=quant.sym, desc_act=quant.desc_act))
     expected = {n for n, _ in model.named_parameters()}
     fill_module(model, reader, "", dtype, device)
     known = expected | {f"transformer.h.{i}.{p}.{t}" for i in range(config.num_hidden_layers)

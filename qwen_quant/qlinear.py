@@ -77,8 +77,10 @@ _INTS = (torch.int32, torch.int64)
 
 
 def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size, checkpoint_format,
-                      in_features, out_features, name) -> tuple[SortedGptqWeight, Optional[torch.Tensor]]:
-    """Check every tensor against (K, N, bits, group) and sort the input rows by group.
+                      in_features, out_features, name, sym=None,
+                      desc_act=False) -> tuple[SortedGptqWeight, Optional[torch.Tensor]]:
+    """Check every tensor against (K, N, bits, group) and the config's sym / desc_act (sym None: not declared),
+    and sort the input rows by group.
 
     Returns the sorted weight and perm (int64 [K]: sorted row i is the checkpoint's input perm[i]), or None when
     g_idx is already in order."""
@@ -105,7 +107,13 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
     _check_tensor(scales, _label(name, "scales"), _FLOATS, (G, N), context)
     if bias is not None:
         _check_tensor(bias, _label(name, "bias"), _FLOATS, (N,), context)
+    for label, t in (("scales", scales), ("bias", bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{_label(name, label)} contains NaN or inf: the checkpoint is corrupt")
     if g_idx is None:
+        if desc_act:
+            raise ValueError(f"{_label(name, 'g_idx')} is missing, but the config says desc_act=true: act-order "
+                             "checkpoints need each input's group")
         g_idx = torch.arange(K, device=qweight.device) // group
     _check_tensor(g_idx, _label(name, "g_idx"), _INTS, (K,), context)
     g_idx = g_idx.long()
@@ -125,6 +133,12 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
         qweight = packing.pack_qweight(packing.unpack_qweight(qweight, bits)[perm], bits)
     standard = torch.equal(row_group, torch.arange(K, device=row_group.device) // group)
     zeros = packing.unpack_qzeros(qzeros.cpu(), bits, checkpoint_format).to(qzeros.device)
+    if sym and not bool((zeros == 2 ** (bits - 1)).all()):
+        found = zeros.unique().tolist()
+        raise ValueError(f"{_label(name, 'qzeros')} unpacks to zero points {found[:4]}{' ...' * (len(found) > 4)} "
+                         f"with checkpoint_format={checkpoint_format!r}, but the config says sym=true, which needs "
+                         f"every zero point to be {2 ** (bits - 1)}: is checkpoint_format wrong? (a v1 'gptq' file "
+                         f"read as 'gptq_v2' gives {2 ** (bits - 1) - 1})")
     sorted_weight = SortedGptqWeight(qweight=qweight, zeros=zeros, scales=scales,
                                      row_group=None if standard else row_group, bits=bits, group=group)
     return sorted_weight, perm
@@ -255,12 +269,14 @@ class QuantLinear(nn.Module):
                     g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, bits: int, group_size: int,
                     checkpoint_format: str = "gptq", backend: str = "auto", dtype: torch.dtype = torch.float16,
                     name: str = "", device=None, in_features: Optional[int] = None,
-                    out_features: Optional[int] = None) -> "QuantLinear":
+                    out_features: Optional[int] = None, sym: Optional[bool] = None,
+                    desc_act: bool = False) -> "QuantLinear":
         """Validate a checkpoint's tensors and prepare one backend on `device` (default: qweight's device).
 
         g_idx None means k // group_size. `dtype` is the activation dtype the layer is meant for: scales, zeros and
         bias are stored in it (the cpu backend always computes in bf16). in_features / out_features, when given, are
-        checked against the tensors; otherwise they are read from qweight."""
+        checked against the tensors; otherwise they are read from qweight. sym / desc_act, the checkpoint config's,
+        are checked against the zero points and g_idx (sym None: anything goes)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
         device = torch.device(device) if device is not None else qweight.device
@@ -269,7 +285,7 @@ class QuantLinear(nn.Module):
         bias = bias.to(device) if bias is not None else None
         w, perm = validate_and_sort(qweight, qzeros, scales, g_idx, bias, bits=bits, group_size=group_size,
                                     checkpoint_format=checkpoint_format, in_features=in_features,
-                                    out_features=out_features, name=name)
+                                    out_features=out_features, name=name, sym=sym, desc_act=desc_act)
         if backend == "auto":
             backend, passed_over = choose_backend(w, device)
             _log_choice_once(backend, passed_over, w, device, name)
