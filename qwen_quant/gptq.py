@@ -184,8 +184,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     _check_inputs(weight, bits, group_size, name)
     n, k = weight.shape
     _check_hessian(hessian, k, name)
-    if damp_percent < 0 or block_size <= 0:
-        raise ValueError(f"{name}: damp_percent must be >= 0 and block_size > 0, got {damp_percent}, {block_size}")
+    # A NaN fails both comparisons: the damping loop below only ends for a finite start.
+    if not 0 <= damp_percent <= MAX_DAMP_PERCENT or block_size <= 0:
+        raise ValueError(f"{name}: damp_percent must be in [0, {MAX_DAMP_PERCENT:g}] and block_size > 0, "
+                         f"got {damp_percent}, {block_size}")
     maxq = 2**bits - 1
     group = group_size if group_size > 0 else k
     target = weight.to(torch.float32).clone()
@@ -254,7 +256,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 and the damp it took to be positive definite."""
     mean_diagonal = H.diagonal().mean()
-    damp = damp_percent
+    if not torch.isfinite(mean_diagonal):  # finite entries can still overflow their sum
+        raise ValueError(f"{name}: the Hessian's diagonal is too large to damp (its mean is {float(mean_diagonal)})")
+    damp = damp_percent  # in [0, MAX_DAMP_PERCENT]: at most four tenfold raises reach the limit
     while True:
         damped = H.clone()
         damped.diagonal().add_(damp * mean_diagonal)

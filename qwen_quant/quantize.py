@@ -30,6 +30,8 @@ from .published import find_published
 log = logging.getLogger("qwen_quant")
 TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 METHODS = ("gptq", "rtn")
+UNQUANTIZED = ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight")  # written as they are, in fp16
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass
@@ -113,6 +115,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
     reader = WeightReader(folder)
+    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
+        to_fp16(reader.get(name), name)
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
     hidden = rope = None
@@ -140,6 +144,9 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             write_atomic(lambda p: save_file(tensors, str(p)), block_file)
             write_atomic(lambda p: p.write_text(json.dumps([asdict(r) for r in layers])), block_file.with_suffix(".json"))
             report.layers += layers
+        if hidden is not None and not torch.isfinite(hidden).all():  # blame this block, not the next one's Hessian
+            raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
+                             f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
         del block
     bar.close()
     hidden = None  # the calibration activations are done with: free them before the export reads the big tensors
@@ -198,7 +205,7 @@ def chunks(n_samples: int, seqlen: int):
 @torch.inference_mode()
 def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar):
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output."""
-    tensors = {prefix + "ln_1.weight": block.ln_1.weight.half(), prefix + "ln_2.weight": block.ln_2.weight.half()}
+    tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
     layers = []
     attn, mlp = block.attn, block.mlp
 
@@ -269,11 +276,22 @@ def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantC
     return {
         f"{name}.qweight": pack_qweight(result.codes.t().contiguous(), quant.bits),
         f"{name}.qzeros": pack_qzeros(result.zeros, quant.bits, quant.checkpoint_format),
-        f"{name}.scales": result.scales.to(torch.float16),
+        f"{name}.scales": to_fp16(result.scales, f"{name}.scales"),
         f"{name}.g_idx": result.g_idx.to(torch.int32),
-        f"{name}.bias": (bias.detach().to(torch.float16).cpu() if bias is not None
+        f"{name}.bias": (to_fp16(bias, f"{name}.bias").cpu() if bias is not None
                          else torch.zeros(n, dtype=torch.float16)),
     }
+
+
+def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """tensor as the output stores it, in fp16; a value that is not finite there is an error naming the tensor."""
+    half = tensor.detach().to(torch.float16)
+    if not torch.isfinite(half).all():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {name} contains NaN or inf")
+        raise ValueError(f"tensor {name} has values up to {float(tensor.abs().max()):.4g}, beyond the range of fp16 "
+                         f"(+-{FP16_MAX:.0f}) in which the output stores it")
+    return half
 
 
 def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: QuantConfig, dtype) -> None:
@@ -287,7 +305,7 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
 
 def exported_tensors(reader: WeightReader, config: QwenConfig, work: Path):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield "transformer.wte.weight", reader.get("transformer.wte.weight").to(torch.float16)
+    yield "transformer.wte.weight", to_fp16(reader.get("transformer.wte.weight"), "transformer.wte.weight")
     for i in range(config.num_hidden_layers):
         saved = load_file(work / "blocks" / f"block_{i:05d}.safetensors")
         prefix = f"transformer.h.{i}."
@@ -296,8 +314,8 @@ def exported_tensors(reader: WeightReader, config: QwenConfig, work: Path):
         for path in QUANTIZED_LINEARS:
             for t in TENSORS:
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
-    yield "transformer.ln_f.weight", reader.get("transformer.ln_f.weight").to(torch.float16)
-    yield "lm_head.weight", reader.get("lm_head.weight").to(torch.float16)
+    yield "transformer.ln_f.weight", to_fp16(reader.get("transformer.ln_f.weight"), "transformer.ln_f.weight")
+    yield "lm_head.weight", to_fp16(reader.get("lm_head.weight"), "lm_head.weight")
 
 
 def write_atomic(write, path: Path) -> None:
