@@ -120,9 +120,25 @@ def read_text(path: Path) -> str:
 
 
 def read_token_ids(path: Path) -> torch.Tensor:
-    ids = np.load(path, allow_pickle=False)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{path} must hold a 1-D array of integer token ids, got {ids.dtype} of shape {ids.shape}")
+    """A .npy of 1-D integer token ids. Its header is checked against the file's size before any data is read, so a
+    header claiming terabytes fails at once instead of allocating them."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version} is not supported")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a valid .npy file: {err}") from None
+        if len(shape) != 1 or not np.issubdtype(dtype, np.integer):  # floats and bools are not ids
+            raise ValueError(f"{path} must hold a 1-D array of integer token ids, got {dtype} of shape {shape}")
+        needed, available = shape[0] * dtype.itemsize, path.stat().st_size - f.tell()
+        if needed > available:
+            raise ValueError(f"{path}: its header claims {shape[0]} ids of {dtype} ({needed} bytes), but the file "
+                             f"holds only {available} bytes of data (truncated or corrupt?)")
+        ids = np.frombuffer(f.read(needed), dtype=dtype)
     if ids.size == 0:
         raise ValueError(f"file {path} is empty")
     ids = ids.astype(np.int64)

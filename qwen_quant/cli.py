@@ -1,9 +1,69 @@
 """`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `qwen-quantize memory`."""
 import argparse
 import logging
+import math
+import os
 import sys
 
 SUBCOMMANDS = ("eval", "memory")
+DEBUG_VARIABLE = "QWEN_QUANT_DEBUG"  # set to 1 for the traceback of an unexpected error
+
+
+# argparse types: a value out of range is refused at parse time, with the option named by argparse.
+def int_at_least(least: int, most: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least or most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}" +
+                                             (f" and at most {most}" if most is not None else ""))
+        return value
+    return parse
+
+
+def group_size(text: str) -> int:
+    value = int_at_least(-1)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a group size: use a positive number of inputs, or -1 per channel")
+    return value
+
+
+def finite_float(least: float, most: float = math.inf, least_included: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above_least = value >= least if least_included else value > least
+        if not (math.isfinite(value) and above_least and value <= most):  # NaN fails every comparison
+            low = f"{'at least' if least_included else 'above'} {least:g}"
+            high = f" and at most {most:g}" if math.isfinite(most) else ""
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {low}{high}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine ({why}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def quantize_parser() -> argparse.ArgumentParser:
@@ -12,23 +72,26 @@ def quantize_parser() -> argparse.ArgumentParser:
                                 "MODEL, qwen-quantize memory MODEL.")
     p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", type=int, default=128, help="inputs per quantization group; -1 = per channel")
+    p.add_argument("--group-size", type=group_size, default=128,
+                   help="inputs per quantization group; -1 = per channel")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
     p.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
-    p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of the mean Hessian diagonal")
+    p.add_argument("--damp", type=finite_float(0, 1), default=0.01,
+                   help="damping as a fraction of the mean Hessian diagonal, in [0, 1]")
     p.add_argument("--no-mse", dest="mse", action="store_false",
                    help="the textbook min/max grid instead of the clipped grid searched per group")
     p.add_argument("--dataset", default="c4", help="c4, wikitext2, or a .txt / .jsonl (chats) / .npy file")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=int_at_least(1), default=128)
+    p.add_argument("--seqlen", type=int_at_least(1), default=2048)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", default=None, help="output folder (default: MODEL-Int4 / MODEL-Int8 here)")
     p.add_argument("--resume", action="store_true", help="continue a killed run at its next block")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", type=float, default=4.0, help="GB per safetensors shard")
+    p.add_argument("--max-shard-size", type=finite_float(0, least_included=False), default=4.0,
+                   help="GB per safetensors shard")
     return p
 
 
@@ -37,13 +100,14 @@ def eval_parser() -> argparse.ArgumentParser:
                                 "model (GPTQ protocol: non-overlapping windows).")
     p.add_argument("model")
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, a .txt file, or a .npy of token ids")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--stride", type=int, default=None, help="sliding-window evaluation with this stride")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=int_at_least(2), default=2048)
+    p.add_argument("--stride", type=int_at_least(1), default=None,
+                   help="sliding-window evaluation with this stride (at most --seqlen)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1)
+    p.add_argument("--max-windows", type=int_at_least(1), default=None, help="evaluate only the first N windows")
     p.add_argument("--baseline", default=None, help="a full-precision model to compare with")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"))
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_name, default=None)
     return p
 
 
@@ -52,8 +116,8 @@ def memory_parser() -> argparse.ArgumentParser:
                                 "(batch 1, 1-token context, generating --tokens), term by term, beside Qwen's figure.")
     p.add_argument("model", help="a published name (no download needed) or a folder holding config.json")
     p.add_argument("--bits", type=int, default=None, choices=(4, 8), help="default: from the name, else bf16")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--group-size", type=group_size, default=128)
+    p.add_argument("--tokens", type=int_at_least(1), default=2048)
     return p
 
 
@@ -79,9 +143,8 @@ def run_eval(args) -> None:
         model = QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
         tokenizer = QwenTokenizer.from_pretrained(folder) if (folder / "qwen.tiktoken").is_file() else None
         tokens = load_eval_tokens(args.dataset, tokenizer)
-        if args.max_windows:
-            tokens = tokens[: args.max_windows * args.seqlen]
-        return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size)
+        return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size,
+                          max_windows=args.max_windows)
 
     result = ppl(args.model)
     print(f"{args.model}: perplexity {result.perplexity:.4f} on {args.dataset} ({result.targets} tokens predicted, "
@@ -107,13 +170,29 @@ def main(argv=None) -> int:
         parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory)}[command]
     else:
         parser, run = quantize_parser, run_quantize
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if getattr(args, "stride", None) is not None and args.stride > args.seqlen:
+        p.error(f"argument --stride: {args.stride} must be at most --seqlen ({args.seqlen})")
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
-        print(f"qwen-quantize: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 (every failure becomes one line and exit code 2)
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"qwen-quantize: error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_message(e: Exception) -> str:
+    """One line for the user: our own errors say what is wrong; anything else is named as unexpected."""
+    if isinstance(e, KeyError):  # str() of a KeyError is the repr of its message
+        return str(e.args[0]) if e.args else "KeyError"
+    if isinstance(e, MemoryError):
+        return f"out of memory{f' ({e})' if str(e) else ''}"
+    if isinstance(e, (ValueError, OSError, RuntimeError)):  # OSError's text names the path it failed on
+        return str(e)
+    return f"unexpected {type(e).__name__}: {e} (run with {DEBUG_VARIABLE}=1 for the traceback)"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 REAL_VOCAB = 151851  # ids past this are embedding padding: never valid predictions with the Qwen tokenizer
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1, and 4.0 is not 4
 
 
@@ -21,11 +21,11 @@ def field_problems(obj, positive_ints=(), positive_numbers=(), flags=()) -> list
     problems = []
     for name in positive_ints:
         value = getattr(obj, name)
-        if not _is_int(value) or value <= 0:
+        if not is_int(value) or value <= 0:
             problems.append(f"{name}={value!r} must be a positive integer")
     for name in positive_numbers:
         value = getattr(obj, name)
-        if not (_is_int(value) or isinstance(value, float) and math.isfinite(value)) or value <= 0:
+        if not (is_int(value) or isinstance(value, float) and math.isfinite(value)) or value <= 0:
             problems.append(f"{name}={value!r} must be a finite number > 0")
     for name in flags:
         value = getattr(obj, name)
@@ -56,12 +56,12 @@ class QuantConfig:
         from .packing import FORMATS, SUPPORTED_BITS  # packing knows the formats and widths
 
         problems = field_problems(self, flags=("desc_act", "static_groups", "sym", "true_sequential"))
-        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             problems.append(f"bits={self.bits!r} must be one of the integers {SUPPORTED_BITS}")
-        if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
+        if not is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
             problems.append(f"group_size={self.group_size!r} must be a positive integer or -1 (per channel)")
         damp = self.damp_percent
-        if not (_is_int(damp) or isinstance(damp, float)) or not 0 <= damp <= 1:  # NaN fails the range too
+        if not (is_int(damp) or isinstance(damp, float)) or not 0 <= damp <= 1:  # NaN fails the range too
             problems.append(f"damp_percent={damp!r} must be a number in [0, 1]")
         if not isinstance(self.checkpoint_format, str) or self.checkpoint_format not in FORMATS:
             problems.append(f"checkpoint_format={self.checkpoint_format!r} must be one of {FORMATS}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import load_hub_dataset, read_text
+from .calibration import load_hub_dataset, read_text, read_token_ids
 
 EVAL_DATASETS = ("wikitext2",)  # Hub test splits, joined with "\n\n" as GPTQ does
 
@@ -27,7 +27,10 @@ class PerplexityResult:
 def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
     """A 1-D LongTensor of token ids: a dataset name, a .txt file, a .npy of ids, or ids as they are."""
     if isinstance(source, (torch.Tensor, np.ndarray, list)):
-        tokens = torch.as_tensor(np.asarray(source), dtype=torch.long).flatten()
+        ids = source if isinstance(source, torch.Tensor) else torch.as_tensor(np.asarray(source))
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # would truncate to ids
+            raise ValueError(f"evaluation token ids must be integers, got {str(ids.dtype).removeprefix('torch.')}")
+        tokens = ids.long().flatten()
     elif str(source) in EVAL_DATASETS:
         tokens = _encode(tokenizer, "\n\n".join(load_hub_dataset(str(source), split="test")["text"]), source)
     else:
@@ -36,7 +39,7 @@ def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
             raise FileNotFoundError(f"evaluation data {source!r} is neither a file nor a known dataset "
                                     f"({', '.join(EVAL_DATASETS)})")
         if path.suffix == ".npy":
-            tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64)).flatten()
+            tokens = read_token_ids(path)
         else:
             tokens = _encode(tokenizer, read_text(path), path)
     if tokens.numel() < 2:
@@ -53,14 +56,21 @@ def _encode(tokenizer, text: str, source) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, stride: Optional[int] = None, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, max_windows: Optional[int] = None) -> PerplexityResult:
     """exp(mean NLL). Without stride: non-overlapping windows of seqlen, each predicting its tokens 2..n, the
     trailing partial window dropped (GPTQ's protocol). With stride: windows of seqlen every `stride` tokens, each
-    scoring only the tokens not scored before (the sliding-window protocol)."""
+    scoring only the tokens not scored before (the sliding-window protocol). max_windows: only the first ones."""
     max_len = model.config.max_position_embeddings
     if seqlen > max_len:
         raise ValueError(f"seqlen {seqlen} is larger than the model's maximum length {max_len}")
+    for option, value, least in (("seqlen", seqlen, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows, 1)):
+        if value is not None and value < least:  # a window of one token predicts nothing
+            raise ValueError(f"{option} must be at least {least}, got {value}")
     tokens = tokens.flatten().long()
+    vocab = model.config.vocab_size
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"evaluation token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the model's "
+                         f"vocabulary of {vocab} (ids 0..{vocab - 1})")
     if tokens.numel() < seqlen:
         raise ValueError(f"evaluation data has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     if stride is None:
@@ -75,6 +85,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, stride: Optional
             scored = end
             if end == tokens.numel():
                 break
+    windows = windows[:max_windows]
     nll, targets = 0.0, 0
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import QwenConfig
+from .config import QwenConfig, is_int
 from .published import SIZES, find_published
 
 GIB = 2**30
@@ -161,6 +161,11 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
 
     dtype: the activation dtype (default: the loader's choice, fp16 for quantized models on GPU, else bf16 for
     quantized and the config's dtype for dense ones). backend: as given to the loader."""
+    for option, value in (("tokens", tokens), ("batch", batch), ("prompt_tokens", prompt_tokens)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{option} must be a positive integer, got {value!r}")
+    if not is_int(group_size) or group_size < 1 and group_size != -1:
+        raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}")
     device = torch.device(device).type
     dtype = dtype or default_dtype(config, bits, device)
     h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
