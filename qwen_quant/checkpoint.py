@@ -212,6 +212,7 @@ def load_dequantized(path_or_name, dtype=torch.float32, device=None):
     (the reference that the quantized runtime is tested against, and how quantization quality is measured)."""
     from .model import QwenForCausalLM
     from .packing import dequantize
+    from .qlinear import validate_and_sort
 
     folder = resolve_model_path(path_or_name)
     config = QwenConfig.from_file(folder)
@@ -225,13 +226,14 @@ def load_dequantized(path_or_name, dtype=torch.float32, device=None):
         for path in QUANTIZED_LINEARS:
             name = f"transformer.h.{i}.{path}"
             linear = block.get_submodule(path)
-            w = dequantize(*(reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")),
-                           quant.bits, quant.checkpoint_format)
-            if tuple(w.shape) != tuple(linear.weight.shape):
-                raise ValueError(f"{name}.qweight decodes to shape {list(w.shape)}, the config needs "
-                                 f"{list(linear.weight.shape)}")
-            linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+            packed = [reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")]
             bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
+            # The same checks as load_model's (shapes, finite scales, zero points against sym) before decoding.
+            validate_and_sort(*packed, bias, bits=quant.bits, group_size=quant.group_size,
+                              checkpoint_format=quant.checkpoint_format, in_features=linear.in_features,
+                              out_features=linear.out_features, name=name, sym=quant.sym, desc_act=quant.desc_act)
+            w = dequantize(*packed, quant.bits, quant.checkpoint_format)
+            linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
             linear.bias = None if bias is None else torch.nn.Parameter(bias.to(device=device, dtype=dtype),
                                                                        requires_grad=False)
     rest = torch.nn.ModuleDict({"wte": model.transformer.wte, "ln_f": model.transformer.ln_f})

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_quant import cli
 from qwen_quant.calibration import get_calibration_data
-from qwen_quant.checkpoint import load_model
+from qwen_quant.checkpoint import load_dequantized, load_model
 from qwen_quant.config import QuantConfig, QwenConfig
 from qwen_quant.evaluate import load_eval_tokens, perplexity
 from qwen_quant.gptq import gptq_quantize
@@ -110,9 +110,10 @@ def test_v2_format_declared_on_a_v1_file_is_an_error_naming_the_tensor(int4_chec
         config["quantization_config"]["checkpoint_format"] = "gptq_v2"
 
     folder = altered_copy(int4_checkpoint, tmp_path / "m", declare_v2)
-    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.qzeros unpacks to zero points \[7\] with "
-                                         r"checkpoint_format='gptq_v2'.*sym=true.*be 8: is checkpoint_format wrong"):
-        load_model(folder)
+    for loader in (load_model, load_dequantized):
+        with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.qzeros unpacks to zero points \[7\] "
+                                             r"with checkpoint_format='gptq_v2'.*sym=true.*be 8: is checkpoint_format"):
+            loader(folder)
 
 
 def test_desc_act_without_g_idx_is_an_error_and_without_desc_act_loads(int4_checkpoint, tmp_path):
@@ -136,8 +137,10 @@ def test_nan_scale_is_an_error_naming_the_tensor(int4_checkpoint, tmp_path):
     def nan_scale(tensors):
         tensors["transformer.h.1.mlp.w2.scales"][0, 3] = math.nan
 
-    with pytest.raises(ValueError, match="transformer.h.1.mlp.w2.scales contains NaN or inf"):
-        load_model(altered_copy(int4_checkpoint, tmp_path / "m", tensor_change=nan_scale))
+    folder = altered_copy(int4_checkpoint, tmp_path / "m", tensor_change=nan_scale)
+    for loader in (load_model, load_dequantized):
+        with pytest.raises(ValueError, match="transformer.h.1.mlp.w2.scales contains NaN or inf"):
+            loader(folder)
 
 
 def test_integer_tensor_for_a_float_weight_is_an_error_at_load_time(int4_checkpoint, tmp_path):
