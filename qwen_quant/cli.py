@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         p.error(f"argument --stride: {args.stride} must be at most --seqlen ({args.seqlen})")
     try:
         run(args)
-    except Exception as e:  # noqa: BLE001 (every failure becomes one line and exit code 2)
+    except Exception as e:  # every failure becomes one line and exit code 2
         if os.environ.get(DEBUG_VARIABLE):
             raise
         print(f"qwen-quantize: error: {error_message(e)}", file=sys.stderr)

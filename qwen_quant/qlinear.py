@@ -77,10 +77,10 @@ _INTS = (torch.int32, torch.int64)
 
 
 def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size, checkpoint_format,
-                      in_features, out_features, name, sym=None,
+                      in_features, out_features, name, sym=False,
                       desc_act=False) -> tuple[SortedGptqWeight, Optional[torch.Tensor]]:
-    """Check every tensor against (K, N, bits, group) and the config's sym / desc_act (sym None: not declared),
-    and sort the input rows by group.
+    """Check every tensor against (K, N, bits, group) and the config's sym (every zero point 2^(bits-1)) and desc_act
+    (g_idx present), and sort the input rows by group.
 
     Returns the sorted weight and perm (int64 [K]: sorted row i is the checkpoint's input perm[i]), or None when
     g_idx is already in order."""
@@ -269,14 +269,14 @@ class QuantLinear(nn.Module):
                     g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, bits: int, group_size: int,
                     checkpoint_format: str = "gptq", backend: str = "auto", dtype: torch.dtype = torch.float16,
                     name: str = "", device=None, in_features: Optional[int] = None,
-                    out_features: Optional[int] = None, sym: Optional[bool] = None,
+                    out_features: Optional[int] = None, sym: bool = False,
                     desc_act: bool = False) -> "QuantLinear":
         """Validate a checkpoint's tensors and prepare one backend on `device` (default: qweight's device).
 
         g_idx None means k // group_size. `dtype` is the activation dtype the layer is meant for: scales, zeros and
         bias are stored in it (the cpu backend always computes in bf16). in_features / out_features, when given, are
         checked against the tensors; otherwise they are read from qweight. sym / desc_act, the checkpoint config's,
-        are checked against the zero points and g_idx (sym None: anything goes)."""
+        are checked against the zero points and g_idx (sym False: any zero points)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
         device = torch.device(device) if device is not None else qweight.device
