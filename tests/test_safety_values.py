@@ -1,5 +1,6 @@
 """Hostile and unlucky values (issue 8, the value half): every bad config field, quantized tensor, number, evaluation
 input and CLI argument is a clear error naming what is at fault, and the CLI answers it with exit code 2."""
+import importlib
 import json
 import math
 import re
@@ -183,6 +184,25 @@ def test_scale_overflow_in_block_0_is_blamed_on_block_0(dense_checkpoint, tmp_pa
     with pytest.raises(ValueError, match=r"tensor transformer.h.0.mlp.w1.scales has values up to 1.3\d+e\+05") as e:
         quantize_altered(dense_checkpoint, tmp_path, "transformer.h.0.mlp.w1.weight", 5, 1e6)
     assert "h.1" not in str(e.value)
+
+
+def test_block_output_overflow_is_blamed_on_that_block(dense_checkpoint, tmp_path, monkeypatch):
+    # fp16-bounded weights cannot overflow the fp32 compute of the CPU; on CUDA in fp16 they can. Stand in for that:
+    # block 0's output holds an inf after its (otherwise normal) quantization.
+    module = importlib.import_module("qwen_quant.quantize")  # the package's `quantize` is the function
+    original = module.quantize_block
+
+    def overflowing_block(block, prefix, hidden, *args):
+        result = original(block, prefix, hidden, *args)
+        if prefix == "transformer.h.0.":
+            hidden[0, 0, 0] = math.inf
+        return result
+
+    monkeypatch.setattr(module, "quantize_block", overflowing_block)
+    with pytest.raises(ValueError, match=r"block 0 \(transformer.h.0.\*\) outputs NaN or inf on the calibration "
+                                         "inputs: its weights overflow the compute dtype float32"):
+        quantize(dense_checkpoint, tmp_path / "out", group_size=32, calibration=torch.randint(0, 512, (2, 16)),
+                 nsamples=2, seqlen=16, progress=False)
 
 
 @pytest.mark.parametrize("damp", [math.nan, math.inf, -0.5, 1.5])
