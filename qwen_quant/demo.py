@@ -45,6 +45,6 @@ def run_demo(output=None, print_fn=print) -> dict:
                  "lose far less)")
         print_fn("\nPeak memory of the published Qwen models (batch 1, 2048 new tokens), ours beside Qwen's figure:")
         print_fn(format_published_table(published_table()))
-        print_fn(f"\nThe Int4 folder {'is ' + str(out) if output else 'was a temporary one (keep it with --output DIR)'}"
-                 "; next: qwen-quantize --bits 4 Qwen-1_8B-Chat")
+        kept = f"is {out}" if output else "was a temporary one (keep it with --output DIR)"
+        print_fn(f"\nThe Int4 folder {kept}; next: qwen-quantize --bits 4 Qwen-1_8B-Chat")
     return results

@@ -29,7 +29,7 @@ def attention_split_problem(hidden: int, heads: int, bits: int, group_size: int,
     shard = hidden // tp
     if group_size > 0 and shard % group_size:
         return (f"hidden_size {hidden} / {tp} = {shard} inputs per GPU of attn.c_proj is not a whole number of "
-                f"groups of {group_size} (attention widths are not padded)")
+                f"groups of {group_size}")
     if shard % values_per_period(bits)[0]:
         return f"hidden_size {hidden} / {tp} = {shard} is not a whole number of packed {bits}-bit words"
     return None
@@ -54,8 +54,9 @@ def check_tp(tp: int, hidden: int, heads: int, bits: int, group_size: int) -> No
     problem = attention_split_problem(hidden, heads, bits, group_size, tp)
     if problem:
         possible = attention_degrees(hidden, heads, bits, group_size)
-        raise ValueError(f"--tp {tp}: {problem}, so vLLM would refuse the checkpoint; with group size {group_size} "
-                         f"this model allows --tp {max(possible) if possible else 'none'} at most")
+        raise ValueError(f"--tp {tp}: {problem}, and attention is not padded, so vLLM would refuse the checkpoint; "
+                         f"with group size {group_size} this model allows --tp {max(possible) if possible else 'none'}"
+                         " at most")
 
 
 def pad_mlp(mlp: torch.nn.Module, ffn: int) -> None:
@@ -86,7 +87,7 @@ def tp_summary(source, output, quant, tp: Optional[int]) -> str:
     if top in reachable:
         return line + f"; quantize with --tp {top} to make it {top} (MLP width {ffn} -> " \
                       f"{padded_ffn(ffn, quant.group_size, top)})"
-    line += f"; {top} is impossible ({attention_split_problem(hidden, heads, quant.bits, quant.group_size, top)})"
+    line += f"; {top} is impossible: {attention_split_problem(hidden, heads, quant.bits, quant.group_size, top)}"
     if max(reachable) > largest:
         line += f"; quantize with --tp {max(reachable)} to make it {max(reachable)}"
     return line
