@@ -28,3 +28,13 @@ def test_demo_runs_offline_without_shared_data(tmp_path):
     assert (out / "model.safetensors").is_file()
     assert (out / "LICENSE").read_bytes() == (DEMO_MODEL / "LICENSE").read_bytes()  # the MIT license travels
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-int4", "no-data"]  # nothing else left behind
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    demo, tests = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()[:2]
+    assert demo.endswith(" && qwen-quantize demo") and tests.endswith(" && python -m pytest -q")
+    assert demo.rsplit(" && ", 1)[0] == tests.rsplit(" && ", 1)[0]  # the same install in both
+    ci = (repo / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert tests in ci and ci.index(tests) < ci.index("python benchmarks/run_all.py")
