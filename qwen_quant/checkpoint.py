@@ -3,6 +3,7 @@
 Weights are read tensor by tensor from memory-mapped safetensors into a model built on the meta device, so loading
 needs about one copy of the weights. Pickle checkpoints are refused unless the caller opts in.
 """
+import fnmatch
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ log = logging.getLogger("qwen_quant")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-HUB_FILES = ["*.json", "*.safetensors", "qwen.tiktoken", "*.md", "*.txt"]
+# The remote code, kernels and licenses too: they are copied into the quantized folder (never imported).
+HUB_FILES = ["*.json", "*.safetensors", "qwen.tiktoken", "*.md", "*.txt", "*.py", "*.cu", "*.cpp", "LICENSE*",
+             "NOTICE*"]
 QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
@@ -303,8 +306,38 @@ def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, me
     return total
 
 
-def copy_side_files(src, dst) -> None:
-    """Tokenizer and generation files travel with the weights; code files never do."""
-    for name in ("qwen.tiktoken", "generation_config.json", "tokenizer_config.json", "tok512.bin"):
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+# The files a reader of Qwen's published folders uses besides the weights: remote code and its kernels, tokenizers
+# (Qwen's tiktoken, tokenizer.json of other models, llama2.c's tok512.bin), generation settings and the licenses,
+# which must travel with derived weights.
+SIDE_FILES = ("*.py", "*.cu", "*.cpp", "qwen.tiktoken", "tokenizer_config.json", "tokenizer.json", "tok512.bin",
+              "generation_config.json", "LICENSE*", "NOTICE*")
+
+
+def link_root(folder: Path) -> Path:
+    """Where a link in `folder` may lead: inside the folder itself, or, for a snapshot of the Hugging Face cache
+    (models--ORG--NAME/snapshots/REV, whose files are links to ../../blobs), inside its repository's cache."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
+
+
+def copy_side_files(src, dst) -> list[str]:
+    """Copy the side files of src (SIDE_FILES) byte for byte into dst; returns their names.
+
+    Never the weights, folders, or a link that leads outside the source folder; a file is copied, never imported
+    or run."""
+    src, dst = Path(src), Path(dst)
+    root = link_root(src)
+    copied = []
+    for path in sorted(src.iterdir()):
+        if not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in SIDE_FILES):
+            continue
+        target = path.resolve()
+        if target != root and root not in target.parents:
+            log.warning("not copying %s: it is a link to %s, outside the model folder", path.name, target)
+            continue
+        if target.is_file():
+            shutil.copyfile(target, dst / path.name)
+            copied.append(path.name)
+    return copied

@@ -1,11 +1,11 @@
-"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `qwen-quantize memory`."""
+"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `memory` / `demo`."""
 import argparse
 import logging
 import math
 import os
 import sys
 
-SUBCOMMANDS = ("eval", "memory")
+SUBCOMMANDS = ("eval", "memory", "demo")
 DEBUG_VARIABLE = "QWEN_QUANT_DEBUG"  # set to 1 for the traceback of an unexpected error
 
 
@@ -69,7 +69,7 @@ SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
                                 "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
-                                "MODEL, qwen-quantize memory MODEL.")
+                                "MODEL, qwen-quantize memory MODEL, qwen-quantize demo.")
     p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=group_size, default=128,
@@ -92,6 +92,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", type=finite_float(0, least_included=False), default=4.0,
                    help="GB per safetensors shard")
+    p.add_argument("--tp", type=int, default=None, help="pad the MLP width so that vLLM can split the output "
+                   "over this many GPUs (1, 2, 4 or 8); the outputs are unchanged")
     return p
 
 
@@ -121,6 +123,14 @@ def memory_parser() -> argparse.ArgumentParser:
     return p
 
 
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-quantize demo", description="Quantize the tiny real model shipped in "
+                                "the package (stories260k_qwen) to Int4, offline, and compare it with the original: "
+                                "perplexity, a greedy story from each, and the memory table of the published sizes.")
+    p.add_argument("--output", default=None, help="keep the Int4 folder here (default: a temporary folder)")
+    return p
+
+
 def run_quantize(args) -> None:
     from .quantize import quantize, summary_table
 
@@ -128,7 +138,7 @@ def run_quantize(args) -> None:
                       sym=args.sym, damp_percent=args.damp, static_groups=args.static_groups, calibration=args.dataset,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                       method=args.method, resume=args.resume, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse)
+                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp)
     print(summary_table(report))
 
 
@@ -162,12 +172,19 @@ def run_memory(args) -> None:
     print(memory_report(args.model, bits=args.bits, tokens=args.tokens, group_size=args.group_size))
 
 
+def run_demo(args) -> None:
+    from .demo import run_demo as demo
+
+    demo(args.output)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-        parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory)}[command]
+        parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory),
+                       "demo": (demo_parser, run_demo)}[command]
     else:
         parser, run = quantize_parser, run_quantize
     p = parser()

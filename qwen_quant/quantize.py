@@ -26,6 +26,7 @@ from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .model import Block, make_rope, ntk_alpha
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
 from .published import find_published
+from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
 
 log = logging.getLogger("qwen_quant")
 TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -57,6 +58,7 @@ class QuantizeReport:
     output_bytes: int = 0
     resumed_blocks: int = 0
     calibration: str = ""
+    notes: list = field(default_factory=list)  # what the folder can and cannot be used for (TP degree, auto_map)
 
 
 def default_output_name(model_path, folder: Path, bits: int) -> str:
@@ -85,14 +87,21 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
-             mse: bool = True, progress: bool = True) -> QuantizeReport:
-    """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir."""
+             mse: bool = True, progress: bool = True, tp: Optional[int] = None) -> QuantizeReport:
+    """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
+
+    tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn)."""
     start = time.time()
     folder = resolve_model_path(model_path)
     config = QwenConfig.from_file(folder)
     if config.quantization_config is not None:
         raise ValueError(f"{folder} is already quantized ({config.quantization_config.bits}-bit)")
-    check_settings(config, bits, group_size, method)
+    # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).
+    out_config = QwenConfig.from_dict(config.to_dict())
+    if tp is not None:
+        check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size)
+        out_config.intermediate_size = 2 * padded_ffn(config.ffn_size, group_size, tp)
+    check_settings(out_config, bits, group_size, method)
     # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
     quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
                         static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
@@ -105,7 +114,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         shutil.rmtree(work)
     (work / "blocks").mkdir(parents=True, exist_ok=True)
     settings = {"quant": asdict(quant), "method": method, "calibration": str(calibration), "nsamples": nsamples,
-                "seqlen": seqlen, "seed": seed, "mse": mse, "model": str(folder.resolve())}
+                "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp, "model": str(folder.resolve())}
     settings_file = work / "settings.json"
     if resume and settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"--resume: {work} was started with other settings ({settings_file}); "
@@ -131,6 +140,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         with torch.device("meta"):
             block = Block(config)
         fill_module(block, reader, prefix, dtype, device)
+        if out_config.ffn_size != config.ffn_size:
+            pad_mlp(block.mlp, out_config.ffn_size)
         if block_file.is_file():  # done before the run was killed: reuse its tensors, recompute its outputs
             saved = load_file(block_file)
             report.layers += [LayerReport(**r) for r in json.loads((block_file.with_suffix(".json")).read_text())]
@@ -156,13 +167,16 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         shutil.rmtree(out)
     out.mkdir()
     report.output_bytes = write_shards(exported_tensors(reader, config, work), out, max_shard_bytes)
-    out_config = QwenConfig.from_dict(config.to_dict())
     out_config.torch_dtype = "float16"
     out_config.extra.update(bf16=False, fp16=True, fp32=False)
     out_config.quantization_config = quant
     out_config.save(out)
     (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
     copy_side_files(folder, out)
+    report.notes.append(tp_summary(config, out_config, quant, tp))
+    if "auto_map" not in config.extra:
+        report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
+                            "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
     report.seconds = time.time() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
@@ -346,6 +360,7 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
                  f"{report.peak_rss_bytes / gib:.2f} GiB" + (f", peak CUDA {report.peak_cuda_bytes / gib:.2f} GiB"
                                                               if report.peak_cuda_bytes else ""))
     lines.append(f"output {report.output} ({report.output_bytes / 1e9:.3f} GB of tensors)")
+    lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
 
 

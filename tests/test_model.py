@@ -1,6 +1,5 @@
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -9,25 +8,7 @@ import torch
 from qwen_quant import QwenForCausalLM
 from qwen_quant.config import REAL_VOCAB
 from qwen_quant.synthetic import save_random_checkpoint, tiny_config
-
-
-def decode_tok512(path, ids):
-    """llama2.c's tok512.bin: int32 max_len, then per piece a float score, int32 length and the bytes."""
-    data = open(path, "rb").read()
-    pieces, off = [], 4
-    while off < len(data):
-        _, n = struct.unpack_from("<fi", data, off)
-        pieces.append(data[off + 8: off + 8 + n])
-        off += 8 + n
-    out = b""
-    for i, t in enumerate(ids):
-        piece = pieces[t]
-        if i == 0 and piece.startswith(b" "):
-            piece = piece[1:]
-        if piece.startswith(b"<0x") and piece.endswith(b">") and len(piece) == 6:
-            piece = bytes([int(piece[3:5], 16)])
-        out += piece
-    return out.decode("utf-8", errors="replace")
+from qwen_quant.tok512 import decode_tok512
 
 
 def test_stories_greedy_reproduces_model_card_text(stories_dir):
