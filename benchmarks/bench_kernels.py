@@ -1,6 +1,8 @@
 """Quantized matmul speed on the Qwen-7B linear shapes.
 
-CPU: QuantLinear's cpu backend (Int4 and Int8, group 128, symmetric) against dense bf16 F.linear at M = 1, 4, 16.
+CPU: QuantLinear's cpu backend (Int4 and Int8, group 128, symmetric) against dense bf16 F.linear at M = 1, 4, 16
+(decode and short prompts) and 64, 256, 2048 (prefill); --quick: M = 1, 16, 64. The three run in turns, one call
+each per round, so that other processes slow them alike; large products get fewer rounds (a time budget per M).
 CUDA (when present): the Triton kernels against fp16 / bf16 matmul at M = 1, 16, 64, 2048, with effective GB/s
 (bytes of packed weights + scales + zeros + activations read, per second) and its percent of the device's copy
 bandwidth measured here.
@@ -22,7 +24,9 @@ from qwen_quant.qlinear import QuantLinear
 
 # (K, N) of attn.c_attn, attn.c_proj, mlp.w1 / w2, mlp.c_proj
 QWEN_7B_SHAPES = [(4096, 12288), (4096, 4096), (4096, 11008), (11008, 4096)]
-CPU_M = (1, 4, 16)
+CPU_M = (1, 4, 16, 64, 256, 2048)
+CPU_M_QUICK = (1, 16, 64)
+CPU_BUDGET_S = 20  # per (shape, M), warm-up included: no new round starts after this many seconds (1 round at least)
 CUDA_M = (1, 16, 64, 2048)
 GROUP_SIZE = 128
 
@@ -38,39 +42,44 @@ def symmetric_layer(K: int, N: int, bits: int, backend: str, device, dtype) -> Q
                                    device=device)
 
 
-def time_ms_cpu(fn, repeats: int) -> tuple[float, float]:
-    """(median, min) wall time in ms; the min shows what a quiet machine would give when others are busy."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+def time_ms_interleaved(fns: dict, rounds: int) -> dict:
+    """impl -> (median, min, rounds) of wall ms. Each round calls every impl once, in turn, so a burst of load from
+    other processes hits all of them; no round starts once CPU_BUDGET_S is spent. The min shows what a quiet machine
+    would give when others are busy."""
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()  # warm: kernels chosen, buffers allocated
+    times = {impl: [] for impl in fns}
+    for round_ in range(rounds):
+        if round_ and time.perf_counter() - start > CPU_BUDGET_S:
+            break
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: (statistics.median(t) * 1e3, min(t) * 1e3, len(t)) for impl, t in times.items()}
 
 
-def bench_cpu(repeats: int) -> list:
+def bench_cpu(ms: tuple, rounds: int) -> list:
     rows = []
     print(f"\nCPU: cpu backend (bf16 activations, g{GROUP_SIZE} sym) vs dense bf16 F.linear, median ms, speed-up, "
           f"and min ms")
-    print(f"{'K x N':>13} {'M':>3} {'bf16':>8} {'int4':>8} {'int8':>8} {'int4 x':>7} {'int8 x':>7}   "
-          f"{'min bf16':>8} {'int4':>7} {'int8':>7}")
+    print(f"{'K x N':>13} {'M':>4} {'bf16':>9} {'int4':>9} {'int8':>9} {'int4 x':>7} {'int8 x':>7}   "
+          f"{'min bf16':>9} {'int4':>9} {'int8':>9} {'rounds':>6}")
     for K, N in QWEN_7B_SHAPES:
         dense = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
         int4 = symmetric_layer(K, N, 4, "cpu", "cpu", torch.bfloat16)
         int8 = symmetric_layer(K, N, 8, "cpu", "cpu", torch.bfloat16)
-        for M in CPU_M:
+        for M in ms:
             x = torch.randn(M, K, dtype=torch.bfloat16)
-            times = {"bf16_dense": time_ms_cpu(lambda: F.linear(x, dense), repeats),
-                     "cpu_int4": time_ms_cpu(lambda: int4(x), repeats),
-                     "cpu_int8": time_ms_cpu(lambda: int8(x), repeats)}
+            times = time_ms_interleaved({"bf16_dense": lambda: F.linear(x, dense), "cpu_int4": lambda: int4(x),
+                                         "cpu_int8": lambda: int8(x)}, rounds)
             t_dense, t4, t8 = (times[impl][0] for impl in ("bf16_dense", "cpu_int4", "cpu_int8"))
-            fastest = " ".join(f"{times[impl][1]:7.3f}" for impl in times)
-            print(f"{K:>6}x{N:<6} {M:>3} {t_dense:8.3f} {t4:8.3f} {t8:8.3f} {t_dense / t4:6.2f}x {t_dense / t8:6.2f}x  "
-                  f" {fastest}", flush=True)
-            rows += [dict(device="cpu", K=K, N=N, M=M, impl=impl, median_ms=median, min_ms=fastest,
-                          speedup_vs_bf16=t_dense / median) for impl, (median, fastest) in times.items()]
+            fastest = " ".join(f"{times[impl][1]:9.3f}" for impl in times)
+            print(f"{K:>6}x{N:<6} {M:>4} {t_dense:9.3f} {t4:9.3f} {t8:9.3f} {t_dense / t4:6.2f}x {t_dense / t8:6.2f}x"
+                  f"   {fastest} {times['bf16_dense'][2]:>6}", flush=True)
+            rows += [dict(device="cpu", K=K, N=N, M=M, impl=impl, median_ms=median, min_ms=fastest, rounds=n,
+                          speedup_vs_bf16=t_dense / median) for impl, (median, fastest, n) in times.items()]
         del dense, int4, int8
     return rows
 
@@ -119,13 +128,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--m", type=int, nargs="+", help=f"CPU batch rows to time (default {CPU_M}; --quick "
+                        f"{CPU_M_QUICK})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(machine_line(info))
-    rows = bench_cpu(repeats=10 if args.quick else 50)
+    rows = bench_cpu(args.m or (CPU_M_QUICK if args.quick else CPU_M), rounds=10 if args.quick else 50)
     if torch.cuda.is_available():
         rows += bench_cuda(args.quick)
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)

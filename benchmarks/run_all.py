@@ -1,4 +1,5 @@
-"""The benchmark suite at CI sizes (about 10 minutes on 2 cores): quality, memory, kernels, decoding, quantization.
+"""The benchmark suite at CI sizes (about 10 minutes on 2 cores): quality, memory, kernels, decoding, prefill,
+quantization.
 
 Writes benchmarks/results.json, rewrites the table between the run_all markers of benchmarks/RESULTS.md, draws
 benchmarks/results.png, and exits 1 when a QUALITY bar is missed (GPTQ vs RTN perplexity, Int8 loss, memory at or
@@ -23,7 +24,7 @@ from qwen_quant.memory import published_table  # noqa: E402
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 # Each timing benchmark runs as its own script at CI size; its JSON is gathered here.
 TIMED = [("kernels", ["bench_kernels.py", "--quick"]), ("decode", ["bench_decode.py", "--quick"]),
-         ("quantize", ["bench_quantize.py", "--quick"])]
+         ("prefill", ["bench_prefill.py", "--quick"]), ("quantize", ["bench_quantize.py", "--quick"])]
 
 
 def run_script(args: list) -> dict:
@@ -54,6 +55,13 @@ def markdown(results: dict) -> str:
     for r in d["rows"]:
         lines.append(f"| {r['precision']} | {r['backend']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['loaded_gib']:.3f} |")
+    p = results["prefill"]
+    lines += ["", f"**Prompt processing on this CPU** (Qwen-{p['shape']} shapes, {p['layers']} blocks, first token, "
+              f"models in turns, median of {p['rounds']} rounds):", "",
+              "| prompt tokens | precision | backend | first token s | vs bf16 |", "|---|---|---|---|---|"]
+    for r in p["rows"]:
+        lines.append(f"| {r['prompt_tokens']} | {r['precision']} | {r['backend']} | {r['median_s']:.3f} | "
+                     f"{r['speed_vs_bf16']:.2f}x |")
     if results["failures"]:
         lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]
     lines += ["", f"Suite time: {results['seconds']:.0f} s. Full outputs: benchmarks/results.json."]

@@ -6,7 +6,9 @@ every tensor, sorts act-order weights by group once (forward then gathers x[...,
 - "torch": dequantize-then-matmul on any device; the reference, and the path for 2 / 3-bit weights and for g_idx
   whose groups are not equal contiguous runs after sorting.
 - "triton": the kernels of qwen_quant.kernels for Int4 / Int8 on CUDA (or on CPU under TRITON_INTERPRET=1).
-- "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there).
+- "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there); for prompts
+  (M >= CPU_PREFILL_MIN_M rows) on CPUs without native bf16 matmuls, fp32 tiles of the dequantized weight and
+  torch's fp32 GEMM instead (see _tiled_fp32_matmul).
 - "auto": triton on CUDA for 4 / 8 bits, cpu on CPU where its kernels accept the layout, else torch.
 
 Backends are subclasses of QuantLinear; all of them take x [..., K] in any float dtype and return [..., N] in x's
@@ -16,6 +18,7 @@ type. Float dtype changes (`model.half()`) are harmless: the cpu backend keeps i
 The tensors are non-persistent buffers: their layouts are backend-specific, so state_dict() leaves them out and a
 module is always rebuilt from the checkpoint with from_packed.
 """
+import functools
 import importlib.util
 import logging
 import os
@@ -33,6 +36,12 @@ BACKENDS = ("auto", "torch", "triton", "cpu")
 TRITON_BITS = (4, 8)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage or crashes unless K is a multiple of 16 (measured)
+# Rows of x from which the cpu backends run the fp32 prefill path rather than their kernels (where it applies, see
+# _fp32_prefill_applies). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul; 4096 x 4096 g128,
+# 1 thread, load average 22, best of 3 interleaved): Int4 kernel vs fp32 tiles 141 vs 251 ms at M = 32, 505 vs 503
+# at 128, 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at M = 32, 747 vs 348 at 128, 3942 vs 1215 at 512.
+CPU_PREFILL_MIN_M = {4: 128, 8: 32}
+CPU_PREFILL_TILE = 256  # output columns dequantized at a time: 4 MiB of fp32 at K = 4096, freed after its product
 
 
 @dataclass
@@ -417,6 +426,72 @@ def _int4pack_codes(packed: torch.Tensor, kernel_group: int, K: int, N: int, row
     return torch.cat(codes).to(torch.float32)
 
 
+_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of an int32
+
+
+def _int4pack_codes_tile(packed: torch.Tensor, rows: int, n0: int, n1: int, block: int) -> torch.Tensor:
+    """The codes, uint8 [rows, n1 - n0], of output columns n0..n1 of an int4pack weight with `rows` input rows, read
+    straight from its layout (found by _prefill_block): a whole block of `block` columns stores block / 2 bytes per
+    row, whose low nibbles are the block's first half of columns and high nibbles its second half; a short last block
+    (N not a multiple of `block`) stores columns 2j and 2j + 1 in byte j. n0..n1 is whole blocks or the short one."""
+    width = n1 - n0
+    data = packed.view(-1)[n0 * rows // 2:n1 * rows // 2]
+    if width % block:
+        pairs = data.view(rows, width // 2)
+        return torch.stack([pairs & 15, pairs >> 4], -1).view(rows, width)
+    words = data.view(torch.int32).view(width // block, rows, block // 8)  # four bytes per operation
+    halves = [(words & _NIBBLES).transpose(0, 1), ((words >> 4) & _NIBBLES).transpose(0, 1)]
+    return torch.stack(halves, 2).view(torch.uint8).view(rows, width)
+
+
+def _column_spans(N: int, block: int) -> list:
+    """(n0, n1) tiles of at most CPU_PREFILL_TILE output columns made of whole int4pack blocks, then the short last
+    block if there is one."""
+    full = N - N % block
+    spans = [(n0, min(n0 + CPU_PREFILL_TILE, full)) for n0 in range(0, full, CPU_PREFILL_TILE)]
+    return spans + ([(full, N)] if full < N else [])
+
+
+@functools.lru_cache(maxsize=None)
+def _int4pack_block() -> Optional[int]:
+    """The column block of this CPU's int4pack layout (64 with AVX-512, 32 with AVX2), found by packing a probe of
+    whole blocks and a short one and reading it back; None when no known layout reads back."""
+    gen = torch.Generator().manual_seed(0)
+    for block in (64, 32):
+        rows, N = 8, 2 * block + 16
+        codes = torch.randint(0, 16, (N, rows), generator=gen, dtype=torch.int32)
+        packed = _int4pack(codes)
+        read = [_int4pack_codes_tile(packed, rows, n0, n1, block) for n0, n1 in _column_spans(N, block)]
+        if torch.equal(torch.cat(read, 1).t().to(torch.int32), codes):
+            return block
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_block() -> Optional[int]:
+    """The int4pack block when the fp32 prefill path applies on this CPU, else None. It applies only where oneDNN
+    has no bf16 matmul: there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the int4pack kernel on long
+    prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls it is unmeasured, so the kernels stay; an
+    unknown int4pack layout also leaves the kernels."""
+    return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else _int4pack_block()
+
+
+def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """codes * scale + offset, fp32 [K, n1 - n0], from codes [K, n1 - n0] and fp32 [G, N] scales and offsets of G equal
+    groups of rows."""
+    weight = codes.to(torch.float32)
+    grouped = weight.view(scales.shape[0], -1, n1 - n0)
+    torch.addcmul(offsets[:, None, n0:n1], grouped, scales[:, None, n0:n1], out=grouped)
+    return weight
+
+
+def _tiled_fp32_matmul(x2: torch.Tensor, spans: list, weight_tile) -> torch.Tensor:
+    """x2 [M, K] @ W in fp32, W [K, N] made one span of output columns at a time by weight_tile(n0, n1) -> fp32
+    [K, n1 - n0]: no full-precision copy of the whole weight is ever held."""
+    xf = x2.to(torch.float32)
+    return torch.cat([xf @ weight_tile(n0, n1) for n0, n1 in spans], dim=1)
+
+
 class CpuInt4QuantLinear(QuantLinear):
     """torch's _weight_int4pack_mm_for_cpu. Its dequantization is (q - 8) * scale + zero, so a GPTQ zero z becomes
     zero = (8 - z) * scale; scales and zeros are rounded to bf16 (the kernel's dtype)."""
@@ -436,8 +511,16 @@ class CpuInt4QuantLinear(QuantLinear):
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
-                                                       self.kernel_group, self.scales_and_zeros.view(torch.bfloat16))
+        block = _prefill_block() if x2.shape[0] >= CPU_PREFILL_MIN_M[4] else None
+        if block:
+            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
+            scales = scales_and_zeros[..., 0]
+            offsets = scales_and_zeros[..., 1] - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
+            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), lambda n0, n1: _scale_codes(
+                _int4pack_codes_tile(self.weight_int4pack, self.in_features, n0, n1, block), scales, offsets, n0, n1))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
+                                                           self.kernel_group, self.scales_and_zeros.view(torch.bfloat16))
         return self._add_bias(y.to(x2.dtype))
 
     def _sorted_weight_kn(self):
@@ -483,18 +566,37 @@ class CpuInt8QuantLinear(QuantLinear):
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
-        xb = x2.to(torch.bfloat16).contiguous()
-        if self.kernel_group is None:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight_int8, self.scales.view(torch.bfloat16))
+        block = _prefill_block() if x2.shape[0] >= CPU_PREFILL_MIN_M[8] else None
+        x_applied = x2 if block else x2.to(torch.bfloat16).contiguous()  # the x the product sees
+        if block:
+            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), self._weight_tile(block))
+        elif self.kernel_group is None:
+            y = torch.ops.aten._weight_int8pack_mm(x_applied, self.weight_int8, self.scales.view(torch.bfloat16))
         else:
             scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([xb, xb], dim=1), self.weight_int4pack,
-                                                           self.kernel_group, scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x_applied, x_applied], dim=1),
+                                                           self.weight_int4pack, self.kernel_group, scales_and_zeros)
         if self.zero_scales is None:
             return self._add_bias(y.to(x2.dtype))
         zero_scales = self.zero_scales.view(torch.float32)
-        group_sums = _group_sums(xb, self.group, zero_scales.shape[0])
+        group_sums = _group_sums(x_applied, self.group, zero_scales.shape[0])
         return self._add_bias((y.to(torch.float32) - group_sums @ zero_scales).to(x2.dtype))
+
+    def _weight_tile(self, block: int):
+        """weight_tile(n0, n1) for _tiled_fp32_matmul: (q - 128) * s, fp32 [K, n1 - n0] (zeros come after, as in
+        the kernels' path)."""
+        K = self.in_features
+        if self.kernel_group is None:
+            scales = self.scales.view(torch.bfloat16).to(torch.float32)
+            return lambda n0, n1: self.weight_int8[n0:n1].t() * scales[n0:n1]
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
+        scales = scales_and_zeros[scales_and_zeros.shape[0] // 2:, :, 0]  # the low nibbles' s (the high ones' is 16 s)
+        offsets = -128 * scales
+
+        def weight_tile(n0, n1):
+            nibbles = _int4pack_codes_tile(self.weight_int4pack, 2 * K, n0, n1, block)
+            return _scale_codes(nibbles[:K] << 4 | nibbles[K:], scales, offsets, n0, n1)
+        return weight_tile
 
     def _sorted_weight_kn(self):
         K, N = self.in_features, self.out_features

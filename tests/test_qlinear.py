@@ -80,7 +80,7 @@ def test_cpu_backend_within_bf16(bits, group_size, symmetric, act_order):
     module = layer.build("cpu")
     assert module.backend == "cpu"
     assert relative_error(module.dequantize(), layer.weight()) < BF16_TOLERANCE / 2
-    for M in (1, 5, 33):
+    for M in (1, 16, 64, 300):  # decode, short prompts, prefill
         x = torch.randn(M, layer.K)
         y = module(x)
         assert y.dtype == torch.float32
@@ -96,6 +96,30 @@ def test_cpu_int8_group_not_dividing_k():
     module = layer.build("cpu")
     x = torch.randn(3, layer.K)
     assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, monkeypatch):
+    """From CPU_PREFILL_MIN_M rows the cpu backend multiplies fp32 tiles of its dequantized weight (forced on here,
+    whatever this CPU is): it must apply exactly the weight the kernels apply. N = 336 spans a full tile, a partial
+    one and int4pack's short last block; K = 320 ends in a short group at g128."""
+    monkeypatch.setattr(qlinear, "_prefill_block", qlinear._int4pack_block)
+    assert qlinear._int4pack_block() in (32, 64)
+    layer = Layer(320, 336, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
+    module = layer.build("cpu")
+    applied = module.dequantize().double()
+    M = qlinear.CPU_PREFILL_MIN_M[bits]
+    x = torch.randn(M, layer.K)
+    y = module(x)
+    assert y.dtype == torch.float32
+    # fp32 activations and accumulation: far closer to the kernels' weight than the bf16 kernels themselves get.
+    assert relative_error(y, x.double() @ applied.t() + layer.bias.double()) < 1e-5
+    assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
+    kernel_rows = module(x[:M - 1])  # one row fewer: the kernels
+    assert 1e-5 < relative_error(kernel_rows, x[:M - 1].double() @ applied.t() + layer.bias.double()) < 4e-3
 
 
 def test_cpu_int4_per_channel_uses_largest_kernel_group():
