@@ -1,6 +1,7 @@
 """`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `qwen-quantize memory`."""
 import argparse
 import logging
+import os
 import sys
 
 SUBCOMMANDS = ("eval", "memory")
@@ -29,7 +30,13 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run at its next block")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", type=float, default=4.0, help="GB per safetensors shard")
+    add_hub_argument(p)
     return p
+
+
+def add_hub_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub", choices=("huggingface", "modelscope"), default=None,
+                   help="where published names are downloaded from (default: $QWEN_QUANT_HUB, else huggingface)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -44,6 +51,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="a full-precision model to compare with")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"))
     p.add_argument("--device", default=None)
+    add_hub_argument(p)
     return p
 
 
@@ -72,13 +80,12 @@ def run_eval(args) -> None:
     from .checkpoint import resolve_model_path
     from .evaluate import load_eval_tokens, perplexity
     from .model import QwenForCausalLM
-    from .tokenizer import QwenTokenizer
+    from .tokenizer import load_tokenizer
 
     def ppl(name):
         folder = resolve_model_path(name)
         model = QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
-        tokenizer = QwenTokenizer.from_pretrained(folder) if (folder / "qwen.tiktoken").is_file() else None
-        tokens = load_eval_tokens(args.dataset, tokenizer)
+        tokens = load_eval_tokens(args.dataset, load_tokenizer(folder))
         if args.max_windows:
             tokens = tokens[: args.max_windows * args.seqlen]
         return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size)
@@ -108,6 +115,11 @@ def main(argv=None) -> int:
     else:
         parser, run = quantize_parser, run_quantize
     args = parser().parse_args(argv)
+    if getattr(args, "hub", None):
+        from .checkpoint import HUB_ENV
+
+        # Every published name this run resolves (model, baseline) reads the hub from here.
+        os.environ[HUB_ENV] = args.hub
     try:
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
