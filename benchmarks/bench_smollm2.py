@@ -110,9 +110,9 @@ def decode_job(folder: str, dtype, prompt: list, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def answer(folder: str, tokenizer_folder: str, dtype) -> dict:
+def answer(folder: str, dtype) -> dict:
     """Greedy ChatML answer to QUESTION (no system turn, as the reference prompt), stopping at the stop ids."""
-    tokenizer = load_tokenizer(tokenizer_folder)
+    tokenizer = load_tokenizer(folder)  # exports carry the tokenizer.json of the model they come from
     model = QwenForCausalLM.from_pretrained(folder, dtype=dtype)
     prompt = build_chat_input(tokenizer, QUESTION, system=None)
     ids = model.generate(prompt, max_new_tokens=48, stop_ids=tokenizer.stop_ids)[0, len(prompt):].tolist()
@@ -181,7 +181,7 @@ def main() -> None:
         if "chat" in parts:
             results["chat"] = []
             for label, folder in precisions(model, results["rows"]):
-                reply = answer(folder, str(model), torch.float32 if label == "fp" else None)
+                reply = answer(folder, torch.float32 if label == "fp" else None)
                 results["chat"].append({"precision": label, **reply})
                 print(f"  chat {label}: {reply['reply']!r} (stopped at <|im_end|>: {reply['stopped_at_im_end']})",
                       flush=True)

@@ -328,6 +328,6 @@ def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, me
 
 def copy_side_files(src, dst) -> None:
     """Tokenizer and generation files travel with the weights; code files never do."""
-    for name in ("qwen.tiktoken", "generation_config.json", "tokenizer_config.json", "tok512.bin"):
+    for name in ("qwen.tiktoken", "tokenizer.json", "generation_config.json", "tokenizer_config.json", "tok512.bin"):
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, Path(dst) / name)
