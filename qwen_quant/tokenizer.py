@@ -236,8 +236,8 @@ class JsonTokenizer:
         return self._stop_ids
 
     def _read_stop_ids(self) -> tuple[int, ...]:
-        """eos_token_id and the one-token stop_words_ids of generation_config.json; without the file, `<|im_end|>`
-        and `<|endoftext|>`."""
+        """eos_token_id and the one-token stop_words_ids of generation_config.json; when it names none (or there is
+        no such file), `<|im_end|>` and `<|endoftext|>`."""
         if self.generation_config is None:
             return (self.im_end_id, self.eod_id)
         try:
@@ -247,7 +247,9 @@ class JsonTokenizer:
         eos = config.get("eos_token_id")
         stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
         stops += [words[0] for words in config.get("stop_words_ids") or () if isinstance(words, list) and len(words) == 1]
-        if not stops or not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in stops):
+        if not stops:
+            return (self.im_end_id, self.eod_id)
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in stops):
             raise ValueError(f"{self.generation_config}: eos_token_id / stop_words_ids {stops} must name token ids "
                              f"0..{self.vocab_size - 1}")
         return tuple(dict.fromkeys(stops))
