@@ -24,9 +24,13 @@ setup(
         "datasets",
         "huggingface_hub",
         "tqdm",
+        "tokenizers",  # models whose tokenizer is a tokenizer.json (SmolLM2, Qwen1.5 and later)
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib"],
+        # gguf builds the SmolLM2-135M test model; tokenizers reads its tokenizer.json; modelscope's cache layout is
+        # tested.
+        "dev": ["pytest>=7", "matplotlib", "gguf", "modelscope"],
+        "modelscope": ["modelscope"],
     },
     entry_points={"console_scripts": ["qwen-quantize=qwen_quant.cli:main"]},
 )

@@ -2,16 +2,24 @@
 
     from common import GIB, add_common_args, isolated, machine, machine_line, shared_data_dir, table, write_json
 
+`smollm2_dir(data_dir)` builds (once, cached outside the checkout) the Qwen v1 folder of SmolLM2-135M-Instruct from its
+GGUF; tests/conftest.py uses the same function.
+
 `isolated(fn, *args, **kwargs)` runs `fn` (a module-level function; arguments and result picklable) in a freshly
 spawned Python process, so the memory it reports belongs to that job alone. The child records its RSS before the
 job (torch and the script already imported) and its high-water mark after it (VmHWM, see peak_rss_bytes); on CUDA
 also `torch.cuda.max_memory_allocated` (reset before the job). Also its wall and CPU seconds.
 """
+import hashlib
 import json
 import multiprocessing
 import os
 import platform
 import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -138,6 +146,52 @@ def shared_data_dir() -> Path:
         raise SystemExit(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding "
                          "stories260k_qwen/")
     return root
+
+
+SMOLLM2_GGUF = "smollm2_135m/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_dir(data_dir: Path) -> Path:
+    """The Qwen v1 folder of SmolLM2-135M-Instruct, built from data_dir's GGUF by the shared converter
+    (data_dir/../tools/gguf_to_qwen.py, run with this Python) the first time and cached in
+    $QWEN_QUANT_CACHE (default ~/.cache/qwen_quant) under the GGUF's sha256, so a changed GGUF builds afresh.
+    The build goes to a temporary folder renamed into place when complete: a killed build never looks finished.
+    Raises FileNotFoundError when the GGUF or the converter is missing, RuntimeError when the converter fails."""
+    data_dir = Path(data_dir)
+    gguf_path = data_dir / SMOLLM2_GGUF
+    converter = data_dir.parent / "tools" / "gguf_to_qwen.py"
+    for needed in (gguf_path, converter):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} not found: SmolLM2-135M is built from the shared data's GGUF by the "
+                                    "shared converter")
+    cache = Path(os.environ.get("QWEN_QUANT_CACHE", Path.home() / ".cache" / "qwen_quant"))
+    folder = cache / f"smollm2_135m-{_sha256(gguf_path)[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=folder.name + ".building-", dir=cache))
+    try:
+        done = subprocess.run([sys.executable, str(converter), str(gguf_path), str(building)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{converter} failed on {gguf_path} (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        try:
+            building.rename(folder)
+        except OSError:  # another process finished the same build first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
+    return folder
 
 
 def add_common_args(parser) -> None:

@@ -1,9 +1,10 @@
-"""The benchmark suite at CI sizes (about 10 minutes on 2 cores): quality, memory, kernels, decoding, prefill,
-quantization.
+"""The benchmark suite at CI sizes (about 15 minutes on 2 cores): quality, memory, kernels, decoding, prefill,
+quantization, and the real 30-block SmolLM2-135M (bench_smollm2.py --quick).
 
 Writes benchmarks/results.json, rewrites the table between the run_all markers of benchmarks/RESULTS.md, draws
 benchmarks/results.png, and exits 1 when a QUALITY bar is missed (GPTQ vs RTN perplexity, Int8 loss, memory at or
-below Qwen's published figures). Timings are printed and recorded, never judged.
+below Qwen's published figures; on SmolLM2 the full-precision perplexity, GPTQ vs RTN at 4-bit g128 and the ChatML
+answers). Timings are printed and recorded, never judged.
 
     python benchmarks/run_all.py
 """
@@ -27,10 +28,11 @@ TIMED = [("kernels", ["bench_kernels.py", "--quick"]), ("decode", ["bench_decode
          ("prefill", ["bench_prefill.py", "--quick"]), ("quantize", ["bench_quantize.py", "--quick"])]
 
 
-def run_script(args: list) -> dict:
+def run_script(args: list, check: bool = True) -> dict:
+    """The script's --json results; with check=False a script that exits 1 for a missed bar still gives them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)], check=True)
+        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)], check=check)
         return json.loads(out.read_text())
 
 
@@ -62,6 +64,17 @@ def markdown(results: dict) -> str:
     for r in p["rows"]:
         lines.append(f"| {r['prompt_tokens']} | {r['precision']} | {r['backend']} | {r['median_s']:.3f} | "
                      f"{r['speed_vs_bf16']:.2f}x |")
+    s = results["smollm2"]
+    gptq = s["rows"][0]
+    lines += ["", f"**SmolLM2-135M** (30 blocks; perplexity on the first {s['windows']} windows of 2048 of WikiText-2 "
+              f"test; {s['nsamples']} x {s['calib_seqlen']} calibration windows):", "",
+              "| full precision | RTN 4-bit g128 | GPTQ 4-bit g128 | GPTQ s/block | quantization peak RSS GiB |",
+              "|---|---|---|---|---|",
+              f"| {s['fp_perplexity']:.4f} | {gptq['rtn']:.4f} | {gptq['gptq']:.4f} | {gptq['seconds_per_block']:.1f} | "
+              f"{gptq['peak_rss_gib']:.2f} |", "",
+              "| precision | decode tokens/s | ChatML answer to \"What is the capital of France?\" |", "|---|---|---|"]
+    for d, c in zip(s["decode"], s["chat"]):
+        lines.append(f"| {d['precision']} | {d['tokens_per_s']:.1f} | {c['reply']} |")
     if results["failures"]:
         lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]
     lines += ["", f"Suite time: {results['seconds']:.0f} s. Full outputs: benchmarks/results.json."]
@@ -130,6 +143,9 @@ def main() -> None:
     for name, args in TIMED:
         print(f"== {name}: {' '.join(args)}", flush=True)
         results[name] = run_script(args)
+    print("== SmolLM2-135M: bench_smollm2.py --quick", flush=True)
+    results["smollm2"] = run_script(["bench_smollm2.py", "--quick"], check=False)
+    failures += [f"SmolLM2-135M: {f}" for f in results["smollm2"]["failures"]]
     results["failures"] = failures
     results["seconds"] = time.perf_counter() - start
     (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -8,10 +8,11 @@ Sources (`source` of get_calibration_data):
   {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}. Each is rendered as ChatML (the data Qwen
   calibrated its Int4/Int8 models with), with the default system prompt when it has none; the rendered conversations
   are concatenated into one stream, so a window may start or end inside a conversation.
-- a `.npy` path: a 1-D array of integer token ids (no tokenizer needed).
+- a `.npy` path, a 1-D numpy array or a 1-D tensor: a stream of integer token ids (no tokenizer needed).
+- a list of strings: texts joined with "\n\n" and tokenized as one stream, like a `.txt` file.
 - a list of token-id sequences (lists or 1-D tensors), each at least seqlen long: nsamples distinct sequences are
   chosen at random and one random window taken from each.
-- a 2-D integer tensor of shape [nsamples, seqlen]: returned as is (as int64).
+- a 2-D integer tensor or numpy array of shape [nsamples, seqlen]: returned as is (as an int64 tensor).
 Windows of a stream start uniformly at random anywhere a whole window fits. The same seed gives the same samples; only
 a local torch.Generator is used, never global random state.
 """
@@ -22,30 +23,38 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from qwen_quant.tokenizer import DEFAULT_SYSTEM_PROMPT, QwenTokenizer, encode_chatml
+from qwen_quant.tokenizer import DEFAULT_SYSTEM_PROMPT, Tokenizer, encode_chatml
 
 HUB_DATASETS = ("wikitext2", "c4")
 FILE_SUFFIXES = (".txt", ".jsonl", ".npy")
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
-Source = Union[str, Path, Sequence[Sequence[int]], torch.Tensor]
+Source = Union[str, Path, Sequence[str], Sequence[Sequence[int]], torch.Tensor, np.ndarray]
 
 
-def get_calibration_data(source: Source, tokenizer: Optional[QwenTokenizer] = None, nsamples: int = 128,
+def get_calibration_data(source: Source, tokenizer: Optional[Tokenizer] = None, nsamples: int = 128,
                          seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
     """Token windows int64 [nsamples, seqlen] from `source` (see the module docstring for the kinds of source)."""
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(checked_token_ids(source, "the numpy array of token ids"))
     if isinstance(source, torch.Tensor) and source.dim() == 2:
         return checked_sample_tensor(source, nsamples, seqlen)
+    if isinstance(source, torch.Tensor) and source.dim() == 1:
+        return random_windows(source, nsamples, seqlen, generator, "the 1-D tensor of token ids")
+    if isinstance(source, (list, tuple)) and source and all(isinstance(text, str) for text in source):
+        text = "\n\n".join(source)
+        stream = torch.tensor(require_tokenizer(tokenizer, "list of strings").encode(text), dtype=torch.long)
+        return random_windows(stream, nsamples, seqlen, generator, f"the list of {len(source)} strings")
     if isinstance(source, (list, tuple)):
         return windows_from_sequences(source, nsamples, seqlen, generator)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"unsupported calibration source of type {type(source).__name__}: pass a dataset name "
-                        f"{HUB_DATASETS}, a {'/'.join(FILE_SUFFIXES)} path, a list of token-id sequences "
-                        "or a 2-D tensor")
+                        f"{HUB_DATASETS}, a {'/'.join(FILE_SUFFIXES)} path, a list of strings or of token-id "
+                        "sequences, a 1-D or 2-D numpy array or tensor of token ids")
     if isinstance(source, str) and source in HUB_DATASETS:
         tokenizer = require_tokenizer(tokenizer, source)
         dataset = load_hub_dataset(source)
@@ -70,10 +79,10 @@ def get_calibration_data(source: Source, tokenizer: Optional[QwenTokenizer] = No
     return random_windows(stream, nsamples, seqlen, generator, str(path))
 
 
-def require_tokenizer(tokenizer: Optional[QwenTokenizer], source) -> QwenTokenizer:
+def require_tokenizer(tokenizer: Optional[Tokenizer], source) -> Tokenizer:
     if tokenizer is None:
         raise ValueError(f"calibration source {str(source)!r} is text and needs a tokenizer: pass tokenizer="
-                         "QwenTokenizer.from_pretrained(...), or pass token ids (.npy, a list or a tensor)")
+                         "load_tokenizer(model_folder), or pass token ids (.npy, a numpy array, a list or a tensor)")
     return tokenizer
 
 
@@ -139,15 +148,23 @@ def read_token_ids(path: Path) -> torch.Tensor:
             raise ValueError(f"{path}: its header claims {shape[0]} ids of {dtype} ({needed} bytes), but the file "
                              f"holds only {available} bytes of data (truncated or corrupt?)")
         ids = np.frombuffer(f.read(needed), dtype=dtype)
+    return torch.from_numpy(checked_token_ids(ids, f"file {path}"))
+
+
+def checked_token_ids(ids: np.ndarray, what: str) -> np.ndarray:
+    """A 1-D or 2-D array of non-negative integer ids as int64, or a ValueError naming `what`."""
+    if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} must be a 1-D or 2-D array of integer token ids, got {ids.dtype} of shape "
+                         f"{ids.shape}")
     if ids.size == 0:
-        raise ValueError(f"file {path} is empty")
+        raise ValueError(f"{what} is empty")
     ids = ids.astype(np.int64)
     if ids.min() < 0:
-        raise ValueError(f"{path} holds negative token ids (smallest {ids.min()})")
-    return torch.from_numpy(ids)
+        raise ValueError(f"{what} holds negative token ids (smallest {ids.min()})")
+    return ids
 
 
-def encode_chat_jsonl(path: Path, tokenizer: QwenTokenizer) -> list[int]:
+def encode_chat_jsonl(path: Path, tokenizer: Tokenizer) -> list[int]:
     """All conversations of the file rendered as ChatML and concatenated in file order."""
     stream: list[int] = []
     with open(path, encoding="utf-8-sig") as f:
@@ -200,7 +217,7 @@ def load_hub_dataset(name: str, split: str = "train"):
                            f"without access to the Hub pass a local .txt, .jsonl or .npy path instead") from err
 
 
-def c4_windows(documents, tokenizer: QwenTokenizer, nsamples: int, seqlen: int,
+def c4_windows(documents, tokenizer: Tokenizer, nsamples: int, seqlen: int,
                generator: torch.Generator) -> torch.Tensor:
     """One random window from each of nsamples random documents longer than seqlen (GPTQ's C4 recipe; documents are
     visited in a random order without repeats, so the search ends even when too few are long enough)."""

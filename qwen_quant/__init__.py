@@ -2,6 +2,7 @@
 from .config import QuantConfig, QwenConfig
 from .model import QwenForCausalLM
 from .quantize import quantize, summary_table
-from .tokenizer import QwenTokenizer
+from .tokenizer import JsonTokenizer, QwenTokenizer, load_tokenizer
 
-__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "quantize", "summary_table"]
+__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "JsonTokenizer", "load_tokenizer", "quantize",
+           "summary_table"]

@@ -26,17 +26,25 @@ SINGLE_NAME = "model.safetensors"
 HUB_FILES = ["*.json", "*.safetensors", "qwen.tiktoken", "*.md", "*.txt", "*.py", "*.cu", "*.cpp", "LICENSE*",
              "NOTICE*"]
 QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+HUBS = ("huggingface", "modelscope")
+HUB_ENV = "QWEN_QUANT_HUB"  # where published names come from when no hub is passed
 
 
-def resolve_model_path(name_or_path) -> Path:
-    """A local folder as is; a published name (`Qwen-14B-Chat`, `Qwen/Qwen-1_8B-Chat`, ...) from the Hub cache."""
+def resolve_model_path(name_or_path, hub: Optional[str] = None) -> Path:
+    """A local folder as is; a published name (`Qwen-14B-Chat`, `Qwen/Qwen-1_8B-Chat`, ...) from the Hugging Face Hub
+    cache, or from ModelScope's when `hub` (default: $QWEN_QUANT_HUB, else huggingface) is "modelscope"."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    hub = hub or os.environ.get(HUB_ENV) or "huggingface"
+    if hub not in HUBS:
+        raise ValueError(f"hub {hub!r} (from the hub option or ${HUB_ENV}) is not one of {HUBS}")
     published = find_published(str(name_or_path))
     if published is None:
         raise FileNotFoundError(f"{name_or_path!r} is neither a local folder nor a published Qwen model; "
                                 f"pass a folder holding config.json, or one of: {', '.join(published_names())}")
+    if hub == "modelscope":
+        return modelscope_snapshot(published.repo_id)
     from huggingface_hub import snapshot_download
 
     try:
@@ -45,6 +53,26 @@ def resolve_model_path(name_or_path) -> Path:
         raise RuntimeError(f"could not download {published.repo_id} from the Hugging Face Hub ({type(e).__name__}: "
                            f"{e}). Download it elsewhere (huggingface-cli download {published.repo_id} "
                            f"--local-dir DIR) and pass the local folder DIR instead.") from None
+
+
+def modelscope_snapshot(repo_id: str) -> Path:
+    """The folder of `repo_id` in ModelScope's cache ($MODELSCOPE_CACHE), downloaded by the `modelscope` library
+    when it is not cached yet."""
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise RuntimeError(f"{repo_id} from ModelScope needs the modelscope library: pip install "
+                           "'qwen_quant[modelscope]' (or choose --hub huggingface)") from None
+    try:  # a cached copy first: offline, the library would otherwise retry the network for seconds
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # modelscope's CacheNotFound: not cached yet
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, no such model, no network: one clear message for all
+        raise RuntimeError(f"could not download {repo_id} from ModelScope ({type(e).__name__}: {e}). Download it "
+                           f"elsewhere (modelscope download --model {repo_id} --local_dir DIR) and pass the local "
+                           "folder DIR instead.") from None
 
 
 class WeightReader:

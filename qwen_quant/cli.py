@@ -94,7 +94,13 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="GB per safetensors shard")
     p.add_argument("--tp", type=int, default=None, help="pad the MLP width so that vLLM can split the output "
                    "over this many GPUs (1, 2, 4 or 8); the outputs are unchanged")
+    add_hub_argument(p)
     return p
+
+
+def add_hub_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub", choices=("huggingface", "modelscope"), default=None,
+                   help="where published names are downloaded from (default: $QWEN_QUANT_HUB, else huggingface)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -110,6 +116,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="a full-precision model to compare with")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"))
     p.add_argument("--device", type=device_name, default=None)
+    add_hub_argument(p)
     return p
 
 
@@ -146,13 +153,12 @@ def run_eval(args) -> None:
     from .checkpoint import resolve_model_path
     from .evaluate import load_eval_tokens, perplexity
     from .model import QwenForCausalLM
-    from .tokenizer import QwenTokenizer
+    from .tokenizer import load_tokenizer
 
     def ppl(name):
         folder = resolve_model_path(name)
         model = QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
-        tokenizer = QwenTokenizer.from_pretrained(folder) if (folder / "qwen.tiktoken").is_file() else None
-        tokens = load_eval_tokens(args.dataset, tokenizer)
+        tokens = load_eval_tokens(args.dataset, load_tokenizer(folder))
         return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size,
                           max_windows=args.max_windows)
 
@@ -191,6 +197,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "stride", None) is not None and args.stride > args.seqlen:
         p.error(f"argument --stride: {args.stride} must be at most --seqlen ({args.seqlen})")
+    if getattr(args, "hub", None):
+        from .checkpoint import HUB_ENV
+
+        # Every published name this run resolves (model, baseline) reads the hub from here.
+        os.environ[HUB_ENV] = args.hub
     try:
         run(args)
     except Exception as e:  # every failure becomes one line and exit code 2

@@ -1,9 +1,10 @@
 """GPTQ (Frantar et al. 2022) and round-to-nearest quantization of one linear layer's weight.
 
 A layer y = x W^T with W [N, K] is quantized on a grid of 2^bits levels per output row and group of `group_size`
-input columns: W[n, k] ~ (codes[n, k] - zero[g, n]) * scale[g, n], g = g_idx[k]. GPTQ quantizes the columns one by
-one and spreads each column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
-of the layer's output error on calibration inputs, H = 2/n * sum(x x^T).
+input columns: W[n, k] ~ (codes[n, k] - zero[g, n]) * scale[g, n], g = g_idx[k]; a group size that does not divide
+K leaves a shorter last group (ceil(K / group_size) groups). GPTQ quantizes the columns one by one and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's output
+error on calibration inputs, H = 2/n * sum(x x^T).
 
 Both methods report the same `loss`: the mean squared error of the layer's outputs on the calibration tokens, per
 output feature, tr((W - Q) H (W - Q)^T) / (2 N), so GPTQ and RTN can be compared on a layer directly.
@@ -122,11 +123,23 @@ def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ma
     return (dequantized - w).abs_().pow_(MSE_NORM).sum(dim=1)
 
 
+def num_groups(k: int, group_size: int) -> int:
+    """ceil(K / group_size): input k is in group k // group_size, so the last group is shorter when the size does not
+    divide K (AutoGPTQ's layout)."""
+    return -(-k // group_size)
+
+
 def _group_params(w: torch.Tensor, group_size: int, bits: int, sym: bool, mse: bool):
-    """(scale, zero) [G, N] for w [N, K] cut into groups of `group_size` consecutive columns."""
+    """(scale, zero) [G, N] for w [N, K] cut into groups of `group_size` consecutive columns, the last one shorter
+    when group_size does not divide K."""
     n, k = w.shape
-    scale, zero = grid_params(w.reshape(n * (k // group_size), group_size), bits, sym, mse)
-    return scale.reshape(n, -1).t().contiguous(), zero.reshape(n, -1).t().contiguous()
+    whole = k - k % group_size
+    scale, zero = grid_params(w[:, :whole].reshape(n * (whole // group_size), group_size), bits, sym, mse)
+    scale, zero = scale.reshape(n, whole // group_size), zero.reshape(n, whole // group_size)
+    if whole < k:
+        last_scale, last_zero = grid_params(w[:, whole:], bits, sym, mse)
+        scale, zero = torch.cat([scale, last_scale[:, None]], 1), torch.cat([zero, last_zero[:, None]], 1)
+    return scale.t().contiguous(), zero.t().contiguous()
 
 
 def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -137,9 +150,8 @@ def _check_inputs(weight: torch.Tensor, bits: int, group_size: int, name: str) -
     check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    k = weight.shape[1]
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise ValueError(f"{name}: group_size {group_size} does not divide in_features K={k} (use -1 for per channel)")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"{name}: group_size {group_size} must be positive or -1 (per channel)")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name}: weight contains NaN or inf")
 
@@ -203,8 +215,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if fixed_grid:
         scales, zeros = _group_params(target, group, bits, sym, mse)
     else:
-        scales = torch.empty(k // group, n, device=target.device)
-        zeros = torch.empty(k // group, n, device=target.device)
+        scales = torch.empty(num_groups(k, group), n, device=target.device)
+        zeros = torch.empty(num_groups(k, group), n, device=target.device)
 
     # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
     positions = torch.arange(k, device=target.device)

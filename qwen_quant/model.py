@@ -280,13 +280,14 @@ class QwenForCausalLM(nn.Module):
 
     def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
              max_new_tokens: int = 512, **sampling):
-        """One ChatML turn: returns (reply, history + [(query, reply)]). Stops at <|im_end|> or <|endoftext|>."""
+        """One ChatML turn: returns (reply, history + [(query, reply)]). Stops at the tokenizer's stop ids
+        (<|im_end|>, <|endoftext|>). `system=None` leaves the system turn out."""
         from .tokenizer import build_chat_input
 
         history = list(history or [])
         prompt = build_chat_input(tokenizer, query, history=history, system=system)
-        ids = self.generate(prompt, max_new_tokens, stop_ids=(tokenizer.im_end_id, tokenizer.eod_id), **sampling)
+        ids = self.generate(prompt, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
         new = ids[0, len(prompt):].tolist()
-        new = [t for t in new if t not in (tokenizer.im_end_id, tokenizer.eod_id)]
+        new = [t for t in new if t not in tokenizer.stop_ids]
         reply = tokenizer.decode(new)
         return reply, history + [(query, reply)]

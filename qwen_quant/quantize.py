@@ -76,9 +76,6 @@ def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) 
         raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
     for name, k in (("attn.c_attn", config.hidden_size), ("attn.c_proj", config.hidden_size),
                     ("mlp.w1", config.hidden_size), ("mlp.w2", config.hidden_size), ("mlp.c_proj", config.ffn_size)):
-        if group_size > 0 and k % group_size:
-            raise ValueError(f"group size {group_size} does not divide the {k} inputs of {name}; "
-                             f"choose a divisor of {k} or -1")
         if k % values_per_period(bits)[0]:
             raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {values_per_period(bits)[0]}")
 
@@ -192,12 +189,11 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
 def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device) -> torch.Tensor:
     """Calibration windows -> embeddings [nsamples, seqlen, hidden] in the compute dtype."""
     from .calibration import get_calibration_data
-    from .tokenizer import QwenTokenizer
+    from .tokenizer import load_tokenizer
 
     if seqlen > config.max_position_embeddings:
         raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
-    tokenizer = QwenTokenizer.from_pretrained(folder) if (Path(folder) / "qwen.tiktoken").is_file() else None
-    tokens = get_calibration_data(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    tokens = get_calibration_data(calibration, load_tokenizer(folder), nsamples=nsamples, seqlen=seqlen, seed=seed)
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
                          f"model's vocabulary of {config.vocab_size}")

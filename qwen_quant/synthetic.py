@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint import QUANTIZED_LINEARS, write_shards
 from .config import QuantConfig, QwenConfig
+from .gptq import num_groups
 from .packing import pack_qweight, pack_qzeros
 
 
@@ -62,14 +63,15 @@ def random_quantized_tensors(config: QwenConfig, quant: QuantConfig, seed: int =
             yield name, tensor
         else:
             n, k = tensor.shape
-            groups = k // quant.group_size if quant.group_size > 0 else 1
+            group = quant.group_size if quant.group_size > 0 else k
+            groups = num_groups(k, group)
             codes = torch.randint(0, 2**quant.bits, (k, n), generator=g, dtype=torch.int32)
             zeros = torch.full((groups, n), 2 ** (quant.bits - 1), dtype=torch.int32) if quant.sym else \
                 torch.randint(1, 2**quant.bits, (groups, n), generator=g, dtype=torch.int32)
             yield owner + ".qweight", pack_qweight(codes, quant.bits)
             yield owner + ".qzeros", pack_qzeros(zeros, quant.bits, quant.checkpoint_format)
             yield owner + ".scales", (torch.rand(groups, n, generator=g) * 2 * k**-0.5 / 2**quant.bits).half()
-            yield owner + ".g_idx", (torch.arange(k, dtype=torch.int32) // (k // groups))
+            yield owner + ".g_idx", (torch.arange(k, dtype=torch.int32) // group)
             if not owner.endswith("c_attn"):  # the published files carry a zero bias on the bias-free linears
                 yield owner + ".bias", torch.zeros(n, dtype=torch.float16)
 

@@ -1,16 +1,23 @@
-"""The Qwen (v1) tokenizer: tiktoken BPE over `qwen.tiktoken`, Qwen's special tokens, and the ChatML template.
+"""Tokenizers and the ChatML template.
 
-The special tokens are not in `qwen.tiktoken`; Qwen adds them in code at fixed ids from 151643, so the file must hold
-exactly the 151,643 ordinary ranks 0..151642.
+- QwenTokenizer: Qwen (v1)'s tiktoken BPE over `qwen.tiktoken` with its special tokens. They are not in the file; Qwen
+  adds them in code at fixed ids from 151643, so the file must hold exactly the 151,643 ordinary ranks 0..151642.
+- JsonTokenizer: a `tokenizer.json` (the `tokenizers` library's format, shipped by SmolLM2, Qwen1.5/2/2.5 ...) with the
+  same interface.
+- load_tokenizer(folder) picks the one a model folder carries.
 """
 import base64
+import json
+import re
 import shutil
 from pathlib import Path
-from typing import AbstractSet, Iterable, Sequence, Union
+from typing import AbstractSet, Iterable, Optional, Sequence, Union
 
 import tiktoken
 
 TIKTOKEN_FILE = "qwen.tiktoken"
+TOKENIZER_JSON = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
 # Qwen's pre-tokenizer (tokenization_qwen.py): `\p{N}` alone makes every digit its own token.
 PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
            r"""|\s+(?!\S)|\s+""")
@@ -129,8 +136,140 @@ class QwenTokenizer:
     def im_end_id(self) -> int:
         return SPECIAL_TOKENS[IM_END]
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a chat reply: `<|im_end|>` and `<|endoftext|>`, as Qwen-Chat's generation config lists."""
+        return (self.im_end_id, self.eod_id)
 
-def encode_chatml(tokenizer: QwenTokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+
+class JsonTokenizer:
+    """A `tokenizer.json` loaded by the `tokenizers` library, with QwenTokenizer's interface. The ChatML markers are
+    its `<|im_start|>` / `<|im_end|>` / `<|endoftext|>` tokens; stop ids come from generation_config.json beside it."""
+
+    def __init__(self, tokenizer_file: Union[str, Path], generation_config: Optional[Union[str, Path]] = None):
+        from tokenizers import Tokenizer  # imported here: only tokenizer.json models need the library
+
+        self.tokenizer_file = Path(tokenizer_file)
+        try:
+            self.backend = Tokenizer.from_file(str(self.tokenizer_file))
+        except Exception as err:  # the library raises a bare Exception on malformed JSON
+            raise ValueError(f"{self.tokenizer_file}: not a tokenizers-library tokenizer.json ({err})") from None
+        # `tokenizers` would turn special-token text inside ordinary text into the special ids; off, such text is
+        # encoded like any other (encode() splits on the names a caller allows explicitly).
+        self.backend.encode_special_tokens = True
+        self._special = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        for name in (ENDOFTEXT, IM_START, IM_END):
+            if name not in self._special:
+                raise ValueError(f"{self.tokenizer_file} has no special token {name}: ChatML needs "
+                                 f"{ENDOFTEXT}, {IM_START} and {IM_END}")
+        self.generation_config = Path(generation_config) if generation_config else None
+        self._stop_ids = self._read_stop_ids()
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path]) -> "JsonTokenizer":
+        """`path` is a folder holding `tokenizer.json` (and generation_config.json) or the file itself."""
+        path = Path(path)
+        file = path / TOKENIZER_JSON if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file} (pass a folder holding {TOKENIZER_JSON} "
+                                    "or the file itself)")
+        generation_config = file.with_name(GENERATION_CONFIG)
+        return cls(file, generation_config if generation_config.is_file() else None)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Copy `tokenizer.json` into `folder` (created if needed); returns the copy."""
+        target = Path(folder) / TOKENIZER_JSON
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target.exists() and target.samefile(self.tokenizer_file)):
+            shutil.copyfile(self.tokenizer_file, target)
+        return target
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """As QwenTokenizer.encode: special-token text is plain text unless its name is in `allowed_special` ("all",
+        one name or a set of names). No BOS or other template token is added."""
+        names = set(self._special) if allowed_special == "all" else (
+            {allowed_special} if isinstance(allowed_special, str) else set(allowed_special))
+        unknown = names - self._special.keys()
+        if unknown:
+            raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)}; "
+                             f"{self.tokenizer_file.name} has {sorted(self._special)[:8]}")
+        pieces = re.split("(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")", text) \
+            if names else [text]
+        ids: list[int] = []
+        for index, piece in enumerate(pieces):
+            if index % 2:  # the captured separators: allowed special names
+                ids.append(self._special[piece])
+            elif piece:
+                ids += self.backend.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Special tokens are decoded to their text, as QwenTokenizer does; an id outside the vocabulary raises."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"cannot decode ids {bad[:10]}: {self.tokenizer_file.name} has ids 0..{self.vocab_size - 1}")
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def eod_id(self) -> int:
+        return self._special[ENDOFTEXT]
+
+    @property
+    def im_start_id(self) -> int:
+        return self._special[IM_START]
+
+    @property
+    def im_end_id(self) -> int:
+        return self._special[IM_END]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self._stop_ids
+
+    def _read_stop_ids(self) -> tuple[int, ...]:
+        """eos_token_id and the one-token stop_words_ids of generation_config.json; when it names none (or there is
+        no such file), `<|im_end|>` and `<|endoftext|>`."""
+        if self.generation_config is None:
+            return (self.im_end_id, self.eod_id)
+        try:
+            config = json.loads(self.generation_config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.generation_config} is not valid JSON: {err}") from None
+        eos = config.get("eos_token_id")
+        stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+        stops += [words[0] for words in config.get("stop_words_ids") or () if isinstance(words, list) and len(words) == 1]
+        if not stops:
+            return (self.im_end_id, self.eod_id)
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in stops):
+            raise ValueError(f"{self.generation_config}: eos_token_id / stop_words_ids {stops} must name token ids "
+                             f"0..{self.vocab_size - 1}")
+        return tuple(dict.fromkeys(stops))
+
+
+Tokenizer = Union[QwenTokenizer, JsonTokenizer]
+
+
+def load_tokenizer(folder: Union[str, Path]) -> Optional[Tokenizer]:
+    """The tokenizer a model folder carries: QwenTokenizer for `qwen.tiktoken`, JsonTokenizer for `tokenizer.json`,
+    None when it has neither (token ids then need no tokenizer)."""
+    folder = Path(folder)
+    if (folder / TIKTOKEN_FILE).is_file():
+        return QwenTokenizer.from_pretrained(folder)
+    if (folder / TOKENIZER_JSON).is_file():
+        return JsonTokenizer.from_pretrained(folder)
+    return None
+
+
+def encode_chatml(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
     """Render [{"role", "content"}, ...] as ChatML ids: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then
     `<|im_start|>assistant\\n` when `add_generation_prompt`. As Qwen's make_context does, role, newline and content are
     encoded separately with no special tokens allowed: only the template's own markers are special ids."""
@@ -149,11 +288,11 @@ def encode_chatml(tokenizer: QwenTokenizer, messages: Sequence[dict], add_genera
     return ids
 
 
-def build_chat_input(tokenizer: QwenTokenizer, query: str, history: Sequence[tuple[str, str]] = None,
-                     system: str = DEFAULT_SYSTEM_PROMPT) -> list[int]:
-    """The prompt ids Qwen-Chat expects: system turn, earlier (query, response) turns, the new query, then the assistant
-    header to generate from."""
-    messages = [{"role": "system", "content": system}]
+def build_chat_input(tokenizer: Tokenizer, query: str, history: Sequence[tuple[str, str]] = None,
+                     system: Optional[str] = DEFAULT_SYSTEM_PROMPT) -> list[int]:
+    """The prompt ids Qwen-Chat expects: system turn (none when `system` is None), earlier (query, response) turns,
+    the new query, then the assistant header to generate from."""
+    messages = [] if system is None else [{"role": "system", "content": system}]
     for past_query, past_response in history or ():
         messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
     messages.append({"role": "user", "content": query})

@@ -1,9 +1,12 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks and the tests build SmolLM2-135M with one helper
+from common import smollm2_dir as build_smollm2  # noqa: E402
 
 
 def shared_data_dir() -> Path:
@@ -28,6 +31,15 @@ def stories_dir(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiktoken_file(data_dir) -> Path:
     return data_dir / "qwen_tiktoken" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(data_dir) -> Path:
+    """SmolLM2-135M-Instruct in the Qwen v1 layout, built from the shared GGUF once and cached outside the checkout."""
+    try:
+        return build_smollm2(data_dir)
+    except (FileNotFoundError, RuntimeError) as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 # Triton runs on the CPU only through its interpreter, which must be chosen before any @triton.jit is defined.

@@ -139,6 +139,31 @@ def test_two_d_tensor_is_used_as_is():
         get_calibration_data(ids, nsamples=2, seqlen=4)
 
 
+def test_numpy_arrays_of_ids(stories_dir, calib_ids):
+    from_file = get_calibration_data(stories_dir / "calib_ids.npy", nsamples=16, seqlen=128, seed=3)
+    for stream in (np.load(stories_dir / "calib_ids.npy"), torch.from_numpy(calib_ids)):  # int32 array, 1-D tensor
+        assert torch.equal(get_calibration_data(stream, nsamples=16, seqlen=128, seed=3), from_file)
+    windows = calib_ids[:512].reshape(4, 128).astype(np.uint16)
+    samples = get_calibration_data(windows, nsamples=4, seqlen=128)
+    assert samples.dtype == torch.int64 and samples.tolist() == windows.tolist()
+    for bad, message in ((np.zeros((2, 2, 2), dtype=np.int64), r"1-D or 2-D array .* shape \(2, 2, 2\)"),
+                         (np.ones(300, dtype=np.float32), "integer token ids, got float32"),
+                         (np.array([5, -1, 3] * 100), "negative token ids"),
+                         (np.zeros(0, dtype=np.int64), "numpy array of token ids is empty")):
+        with pytest.raises(ValueError, match=message):
+            get_calibration_data(bad, nsamples=1, seqlen=16)
+
+
+def test_list_of_strings_is_one_text_stream(tokenizer):
+    texts = ["一二三四五六七八九十" * 5, "Hello world. " * 20, "def f(x):\n    return x\n" * 5]
+    samples = get_calibration_data(texts, tokenizer, nsamples=6, seqlen=24)
+    stream = tokenizer.encode("\n\n".join(texts))
+    starts = window_starts(samples, stream)
+    assert None not in starts and max(starts) > len(tokenizer.encode(texts[0]))  # windows beyond the first text
+    with pytest.raises(ValueError, match="'list of strings' is text and needs a tokenizer"):
+        get_calibration_data(texts, nsamples=1, seqlen=8)
+
+
 def test_wikitext2_joins_rows_like_gptq(tokenizer, data_dir, monkeypatch):
     # Offline here: stand in for the Hub's train split with real WikiText rows, to check the join and the windows.
     rows = (data_dir / "wikitext2/raw_test_nonempty_lines/wiki.test.raw").read_bytes().decode("utf-8").split("\r\n")

@@ -1,4 +1,6 @@
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -116,6 +118,37 @@ def test_unknown_name_and_offline_download(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(RuntimeError, match="Qwen/Qwen-1_8B-Chat.*local folder"):
         resolve_model_path("Qwen-1.8B-Chat")
+
+
+def test_published_names_resolve_through_modelscopes_cache(monkeypatch, tmp_path, checkpoint):
+    import shutil
+
+    import modelscope
+
+    # ModelScope's cache layout: $MODELSCOPE_CACHE/models/<owner>/<name>/ (dots in the name written as ___).
+    cached = tmp_path / "modelscope" / "models" / "Qwen" / "Qwen-1_8B-Chat"
+    shutil.copytree(checkpoint, cached)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
+    assert resolve_model_path("Qwen-1.8B-Chat", hub="modelscope") == cached
+    monkeypatch.setenv("QWEN_QUANT_HUB", "modelscope")
+    assert resolve_model_path("Qwen/Qwen-1_8B-Chat") == cached
+    assert QwenForCausalLM.from_pretrained("Qwen-1_8B-Chat").config.hidden_size == 64
+
+    def offline(repo_id, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise FileNotFoundError(f"{repo_id} is not cached")
+        raise ConnectionError("modelscope.cn cannot be reached")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="Qwen/Qwen-7B-Chat from ModelScope.*ConnectionError.*local folder"):
+        resolve_model_path("Qwen-7B-Chat")
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # the library is not installed
+    with pytest.raises(RuntimeError, match=re.escape("needs the modelscope library: pip install "
+                                                     "'qwen_quant[modelscope]'")):
+        resolve_model_path("Qwen-7B-Chat")
+    monkeypatch.setenv("QWEN_QUANT_HUB", "hf-mirror")
+    with pytest.raises(ValueError, match=r"hub 'hf-mirror' .*QWEN_QUANT_HUB.* not one of \('huggingface', 'modelscope'\)"):
+        resolve_model_path("Qwen-7B-Chat")
 
 
 def test_write_shards_streams_and_indexes(tmp_path):

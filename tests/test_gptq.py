@@ -60,7 +60,8 @@ def reference_gptq(weight, hessian, bits, group_size, sym, damp_percent=0.01):
 
 
 def check_invariants(result: QuantResult, bits: int, group_size: int, sym: bool, n: int, k: int) -> None:
-    groups = k // group_size if group_size > 0 else 1
+    group = group_size if group_size > 0 else k
+    groups = -(-k // group)
     assert result.codes.shape == (n, k) and result.codes.dtype == torch.int32
     assert result.scales.shape == (groups, n) and result.scales.dtype == torch.float32
     assert result.zeros.shape == (groups, n) and result.zeros.dtype == torch.int32
@@ -70,8 +71,10 @@ def check_invariants(result: QuantResult, bits: int, group_size: int, sym: bool,
     assert torch.isfinite(result.scales).all() and (result.scales > 0).all()
     if sym:
         assert (result.zeros == 2 ** (bits - 1)).all()
-    # Every group holds exactly group_size columns, whatever order they were quantized in.
-    assert torch.equal(torch.bincount(result.g_idx, minlength=groups), torch.full((groups,), k // groups))
+    # Every group holds group_size columns (the last one the rest of K), whatever order they were quantized in.
+    sizes = torch.full((groups,), group)
+    sizes[-1] = k - (groups - 1) * group
+    assert torch.equal(torch.bincount(result.g_idx, minlength=groups), sizes)
     expected = torch.stack([(result.codes[:, j] - result.zeros[result.g_idx[j]]) * result.scales[result.g_idx[j]]
                             for j in range(k)], dim=1)
     assert torch.equal(result.dequantize(), expected)
@@ -179,6 +182,32 @@ def test_gptq_matches_the_unoptimized_algorithm(group_size, block_size):
     assert (result.codes - expected).abs().max() <= 1
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_quantizes_a_shorter_last_group_on_its_own(sym):
+    weight, _ = correlated_layer(10, k=200)
+    result = rtn_quantize(weight, 4, 64, sym, mse=False)
+    check_invariants(result, 4, 64, sym, N, 200)
+    assert torch.equal(result.g_idx, torch.arange(200, dtype=torch.int32) // 64)  # groups of 64, 64, 64, 8
+    for first, last in ((0, 64), (64, 128), (128, 192), (192, 200)):
+        alone = rtn_quantize(weight[:, first:last], 4, -1, sym, mse=False)
+        assert torch.equal(result.codes[:, first:last], alone.codes)
+        assert torch.equal(result.scales[first // 64], alone.scales[0])
+
+
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, False), (True, True)])
+def test_gptq_with_a_shorter_last_group(desc_act, static_groups):
+    weight, hessian = correlated_layer(11, k=200)
+    result = gptq_quantize(weight, hessian, 4, 64, desc_act=desc_act, static_groups=static_groups, block_size=32,
+                           mse=False)
+    check_invariants(result, 4, 64, True, N, 200)
+    assert result.loss == pytest.approx(output_error(weight, result, hessian), rel=1e-4)
+    assert result.loss < 0.8 * rtn_quantize(weight, 4, 64, mse=False, hessian=hessian).loss
+    if not desc_act:
+        assert torch.equal(result.g_idx, torch.arange(200, dtype=torch.int32) // 64)
+        expected = reference_gptq(weight, hessian, 4, 64, sym=True)
+        assert (result.codes != expected).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("group_size", [32, -1])
 def test_gptq_without_correlations_is_rtn(desc_act, group_size):
@@ -237,10 +266,10 @@ def test_bad_inputs_are_named():
         gptq_quantize(weight, hessian, 5, 32, name="lin")
     with pytest.raises(ValueError, match="bits=1"):
         rtn_quantize(weight, 1, 32)
-    for group_size in (48, 0, -2):
-        with pytest.raises(ValueError, match=f"lin: group_size {group_size} does not divide in_features K=256"):
+    for group_size in (0, -2):
+        with pytest.raises(ValueError, match=f"lin: group_size {group_size} must be positive or -1"):
             gptq_quantize(weight, hessian, 4, group_size, name="lin")
-        with pytest.raises(ValueError, match=f"lin: group_size {group_size} does not divide in_features K=256"):
+        with pytest.raises(ValueError, match=f"lin: group_size {group_size} must be positive or -1"):
             rtn_quantize(weight, 4, group_size, name="lin")
     bad = weight.clone()
     bad[2, 3] = float("nan")

@@ -174,7 +174,7 @@ def tiny(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(group_size=48), "group size 48 does not divide the 128 inputs of attn.c_attn"),
+    (dict(group_size=0), "group size 0 must be positive or -1"),
     (dict(bits=5), "bits=5 is not supported"),
     (dict(nsamples=2, seqlen=4096), "seqlen 4096 exceeds the model's max_position_embeddings 512"),
     (dict(method="awq"), "method 'awq' is not one of"),

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from qwen_quant import QwenForCausalLM
 from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import random_tensors, tiny_config
+from qwen_quant.synthetic import random_tensors, save_random_checkpoint, tiny_config
 
 BACKENDS = ("torch", "cpu", "triton")
 
@@ -138,3 +138,63 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn\.qweight"):
         QwenForCausalLM.from_pretrained(folder)
+
+
+def unpack_by_hand(words: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_by_hand, one bit field at a time: int32 [R, C] -> values [R * 32 / bits, C]."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    words = words.view(np.uint32)
+    out = np.zeros((words.shape[0] * per_word, words.shape[1]), dtype=np.int64)
+    for r in range(out.shape[0]):
+        out[r] = (words[r // per_word] >> np.uint32(bits * (r % per_word))) & mask
+    return out
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """Widths 192 and 320, which group 128 does not divide: groups of 128 and a last one of 64. RTN 4-bit and
+    GPTQ 4 / 8-bit exports of one random model."""
+    root = tmp_path_factory.mktemp("ragged")
+    fp = save_random_checkpoint(root / "fp", tiny_config(hidden_size=192, intermediate_size=640))
+    np.save(root / "calib.npy", np.arange(4000) % 512)
+    out = {"fp": fp}
+    for key, method, bits in (("rtn4", "rtn", 4), ("gptq4", "gptq", 4), ("gptq8", "gptq", 8)):
+        out[key] = root / key
+        quantize(fp, out[key], bits=bits, group_size=128, method=method, mse=False, calibration=root / "calib.npy",
+                 nsamples=4, seqlen=64, progress=False)
+    return out
+
+
+def test_group_128_on_widths_it_does_not_divide_packs_a_shorter_last_group(ragged):
+    from safetensors.numpy import load_file
+
+    fp = load_file(str(ragged["fp"] / "model.safetensors"))
+    tensors = load_file(str(ragged["rtn4"] / "model.safetensors"))
+    for owner, k in (("transformer.h.0.attn.c_attn", 192), ("transformer.h.1.mlp.c_proj", 320)):
+        q = unpack_by_hand(tensors[owner + ".qweight"], 4)  # [K, N]
+        zeros = unpack_by_hand(tensors[owner + ".qzeros"].T.copy(), 4).T + 1  # stored minus one
+        scales, g_idx = tensors[owner + ".scales"].astype(np.float32), tensors[owner + ".g_idx"]
+        assert q.shape[0] == k and scales.shape[0] == zeros.shape[0] == 3 == -(-k // 128)
+        assert np.array_equal(g_idx, np.arange(k) // 128)
+        assert np.bincount(g_idx).tolist() == [128, 128, k - 256]
+        assert (zeros == 8).all()
+        # Symmetric min/max RTN: each group's scale is its own largest |w| over 7.5, the short last group's too, and
+        # every weight is within half a step of its dequantized value.
+        w = fp[owner + ".weight"].T  # [K, N]
+        for g, rows in enumerate((slice(0, 128), slice(128, 256), slice(256, k))):
+            assert np.allclose(scales[g], np.abs(w[rows]).max(0) / 7.5, rtol=1e-3)
+        dequantized = (q - zeros[g_idx]) * scales[g_idx]
+        assert (np.abs(dequantized - w) <= scales[g_idx] * 0.501 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_groups_run_on_every_backend(ragged, bits, backend):
+    folder = ragged[f"gptq{bits}"]
+    dtype = torch.bfloat16 if backend == "cpu" else torch.float32
+    model = QwenForCausalLM.from_pretrained(folder, backend=backend, dtype=dtype)
+    assert all(m.backend == backend for m in model.modules() if hasattr(m, "backend"))
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    got, want = model(ids), load_dequantized(folder)(ids)
+    tolerance = 0.05 if backend == "cpu" else 1e-3
+    assert (got - want).abs().max() < tolerance * want.abs().max()

@@ -1,0 +1,198 @@
+"""SmolLM2-135M-Instruct (30 blocks, hidden 576, built into the Qwen v1 layout from the shared GGUF): quality,
+quantization time and memory, CPU decoding speed and a ChatML answer, full precision against Int8 / Int4.
+
+Perplexity: the GPTQ protocol on the first --windows (12) non-overlapping windows of 2048 of
+eval_wikitext2_test_ids.npy, in fp32, quantized weights dequantized into the fp32 model (the reference
+implementation's full-precision figure is 20.1125). Calibration: --nsamples (128) windows of --calib-seqlen (512)
+tokens of calib_wikitext2_valid_ids.npy, seed 0. Every quantization runs in a fresh process (its peak RSS is its own).
+
+    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--parts fp,grid,decode,chat] [--json PATH]
+
+grid core: 3 / 4 / 8 bits at group 128 (which does not divide 576), symmetric, no act-order: RTN (the plain min/max
+grid), GPTQ (default clipped grid) and GPTQ --no-mse. full: bits 3 / 4 / 8 x group 128 / 64 x act-order off / on.
+ci (--quick): RTN and GPTQ at 4-bit g128 with --nsamples 32. decode and chat need the 4- and 8-bit g128 GPTQ folders
+of the grid (core and full make them; ci makes the 4-bit one, so decode and chat then skip Int8).
+"""
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import add_common_args, isolated, machine, machine_line, shared_data_dir, smollm2_dir, table, write_json
+from qwen_quant import QwenForCausalLM
+from qwen_quant.checkpoint import load_dequantized
+from qwen_quant.evaluate import perplexity
+from qwen_quant.quantize import quantize
+from qwen_quant.tokenizer import build_chat_input, load_tokenizer
+
+REFERENCE_FP_PERPLEXITY = 20.1125  # first 12 windows of 2048, an independent fp32 implementation
+QUESTION = "What is the capital of France?"
+CORE = [dict(bits=b, group_size=128, desc_act=False) for b in (3, 4, 8)]
+FULL = [dict(bits=b, group_size=g, desc_act=d) for b, g, d in itertools.product((3, 4, 8), (128, 64), (False, True))]
+CI = [dict(bits=4, group_size=128, desc_act=False)]
+# Quality bars: full precision within 0.1 % of the reference; GPTQ below RTN at 3 and 4 bits; GPTQ's default grid no
+# worse than the textbook one (where both ran); 8 bits within 0.5 % of full precision.
+MAX_FP_DEVIATION = 0.001
+MAX_INT8_INCREASE = 0.005
+
+
+def eval_ids(data: Path, windows: int) -> torch.Tensor:
+    ids = np.load(data / "smollm2_135m" / "eval_wikitext2_test_ids.npy").astype(np.int64)
+    return torch.from_numpy(ids[: windows * 2048])
+
+
+def eval_perplexity(model, ids) -> float:
+    return perplexity(model, ids, seqlen=2048, progress=False).perplexity
+
+
+def quantize_job(model: str, out: str, calibration: str, nsamples: int, seqlen: int, method: str, mse: bool,
+                 settings: dict) -> dict:
+    """One quantization (run in a fresh process): seconds per block and the report's figures."""
+    report = quantize(model, out, method=method, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=0,
+                      mse=mse, progress=False, overwrite=True, sym=True, **settings)
+    return {"seconds": report.seconds, "blocks": len({layer.name.split(".")[2] for layer in report.layers}),
+            "mean_gptq_over_rtn_layer_error": float(np.mean([layer.loss / layer.rtn_loss for layer in report.layers
+                                                             if layer.loss is not None and layer.rtn_loss]))
+            if method == "gptq" else None}
+
+
+def run_grid(grid: list, model: Path, data: Path, ids, work: Path, nsamples: int, seqlen: int, fp: float) -> list:
+    calibration = str(data / "smollm2_135m" / "calib_wikitext2_valid_ids.npy")
+    rows = []
+    for settings in grid:
+        row = dict(settings)
+        # RTN: the plain min/max grid; GPTQ: its default clipped grid; at 3 / 4 bits g128 also the textbook grid.
+        runs = [("rtn", False), ("gptq", True)]
+        if settings["bits"] in (3, 4) and settings["group_size"] == 128 and not settings["desc_act"]:
+            runs.append(("gptq", False))
+        for method, mse in runs:
+            key = method if method == "rtn" or mse else "gptq_no_mse"
+            out = work / f"{key}-{settings['bits']}-g{settings['group_size']}{'-act' if settings['desc_act'] else ''}"
+            job = isolated(quantize_job, str(model), str(out), calibration, nsamples, seqlen, method, mse, settings)
+            row[key] = eval_perplexity(load_dequantized(out), ids)
+            if method == "gptq" and mse:
+                row["seconds_per_block"] = job["result"]["seconds"] / job["result"]["blocks"]
+                row["peak_rss_gib"] = job["peak_rss_bytes"] / 2**30
+                row["layer_error_ratio"] = job["result"]["mean_gptq_over_rtn_layer_error"]
+                row["folder"] = str(out)
+            print(f"  {key} {settings}: perplexity {row[key]:.4f}", flush=True)
+        row["share"] = (row["gptq"] - fp) / (row["rtn"] - fp) if row["rtn"] > fp else float("nan")
+        rows.append(row)
+    return rows
+
+
+def quality_failures(fp: float, rows: list) -> list:
+    failures = []
+    if abs(fp / REFERENCE_FP_PERPLEXITY - 1) > MAX_FP_DEVIATION:
+        failures.append(f"full precision perplexity {fp:.4f} is not within {MAX_FP_DEVIATION:.1%} of "
+                        f"{REFERENCE_FP_PERPLEXITY}")
+    for r in rows:
+        name = f"{r['bits']}-bit g{r['group_size']}{' act-order' if r['desc_act'] else ''}"
+        if r["bits"] in (3, 4) and not r["gptq"] < r["rtn"]:
+            failures.append(f"{name}: GPTQ {r['gptq']:.4f} does not beat RTN {r['rtn']:.4f}")
+        if "gptq_no_mse" in r and not r["gptq"] <= r["gptq_no_mse"]:
+            failures.append(f"{name}: GPTQ's default grid {r['gptq']:.4f} is worse than --no-mse {r['gptq_no_mse']:.4f}")
+        if r["bits"] == 8 and not r["gptq"] <= fp * (1 + MAX_INT8_INCREASE):
+            failures.append(f"{name}: perplexity {r['gptq']:.4f} is more than {MAX_INT8_INCREASE:.1%} above {fp:.4f}")
+    return failures
+
+
+def decode_job(folder: str, dtype, prompt: list, tokens: int) -> float:
+    model = QwenForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.generate(prompt, max_new_tokens=4)  # warm up: kernels chosen, caches allocated
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=tokens)
+    assert out.shape[1] == len(prompt) + tokens
+    return tokens / (time.perf_counter() - start)
+
+
+def answer(folder: str, dtype) -> dict:
+    """Greedy ChatML answer to QUESTION (no system turn, as the reference prompt), stopping at the stop ids."""
+    tokenizer = load_tokenizer(folder)  # exports carry the tokenizer.json of the model they come from
+    model = QwenForCausalLM.from_pretrained(folder, dtype=dtype)
+    prompt = build_chat_input(tokenizer, QUESTION, system=None)
+    ids = model.generate(prompt, max_new_tokens=48, stop_ids=tokenizer.stop_ids)[0, len(prompt):].tolist()
+    return {"reply": tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids]),
+            "stopped_at_im_end": ids[-1] == tokenizer.im_end_id, "tokens": len(ids)}
+
+
+def precisions(model: Path, rows: list) -> list:
+    """(label, folder) of full precision and the GPTQ g128 Int8 / Int4 exports the grid made."""
+    found = [("fp", str(model))]
+    for bits in (8, 4):
+        row = next((r for r in rows if r["bits"] == bits and r["group_size"] == 128 and not r["desc_act"]), None)
+        if row:
+            found.append((f"int{bits}", row["folder"]))
+    return found
+
+
+COLUMNS = [("bits", "bits", "d"), ("group_size", "group", "d"), ("desc_act", "act-order", ""), ("rtn", "RTN ppl", ".4f"),
+           ("gptq", "GPTQ ppl", ".4f"), ("gptq_no_mse", "GPTQ --no-mse", ".4f"), ("share", "GPTQ/RTN loss", ".3f"),
+           ("layer_error_ratio", "layer err GPTQ/RTN", ".3f"), ("seconds_per_block", "s/block", ".1f"),
+           ("peak_rss_gib", "peak RSS GiB", ".2f")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--grid", choices=("core", "full", "ci"), default=None, help="default core; --quick: ci")
+    parser.add_argument("--parts", default="fp,grid,decode,chat")
+    parser.add_argument("--windows", type=int, default=12, help="evaluation windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; --quick: 32)")
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--work", default=None, help="keep the quantized folders here (default: a temporary folder)")
+    args = parser.parse_args()
+    grid = {"core": CORE, "full": FULL, "ci": CI}[args.grid or ("ci" if args.quick else "core")]
+    nsamples = args.nsamples or (32 if args.quick else 128)
+    parts = set(args.parts.split(","))
+    info = machine()
+    print(machine_line(info), flush=True)
+    data = shared_data_dir()
+    model = smollm2_dir(data)
+    ids = eval_ids(data, args.windows)
+    results = {"machine": info, "windows": args.windows, "nsamples": nsamples, "calib_seqlen": args.calib_seqlen,
+               "rows": [], "failures": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        if "fp" in parts or "grid" in parts:
+            start = time.perf_counter()
+            results["fp_perplexity"] = fp = eval_perplexity(QwenForCausalLM.from_pretrained(model), ids)
+            results["fp_seconds"] = time.perf_counter() - start
+            print(f"SmolLM2-135M full precision (fp32): perplexity {fp:.4f} on {args.windows} windows of 2048 "
+                  f"(reference {REFERENCE_FP_PERPLEXITY} on 12)", flush=True)
+        if "grid" in parts:
+            results["rows"] = run_grid(grid, model, data, ids, work, nsamples, args.calib_seqlen, fp)
+            print(table(results["rows"], COLUMNS))
+            results["failures"] = quality_failures(fp, results["rows"]) if args.windows == 12 else []
+        tokenizer = load_tokenizer(model)
+        if "decode" in parts:
+            prompt = build_chat_input(tokenizer, QUESTION, system=None)
+            results["decode"] = []
+            for label, folder in precisions(model, results["rows"]):
+                dtype = torch.bfloat16 if label == "fp" else None  # quantized: the cpu backend computes in bf16
+                tps = isolated(decode_job, folder, dtype, prompt, args.decode_tokens)["result"]
+                results["decode"].append({"precision": "bf16" if label == "fp" else label, "tokens_per_s": tps})
+                print(f"  decode {results['decode'][-1]['precision']}: {tps:.1f} tokens/s", flush=True)
+        if "chat" in parts:
+            results["chat"] = []
+            for label, folder in precisions(model, results["rows"]):
+                reply = answer(folder, torch.float32 if label == "fp" else None)
+                results["chat"].append({"precision": label, **reply})
+                print(f"  chat {label}: {reply['reply']!r} (stopped at <|im_end|>: {reply['stopped_at_im_end']})",
+                      flush=True)
+                if "Paris" not in reply["reply"] or not reply["stopped_at_im_end"]:
+                    results["failures"].append(f"chat {label}: {reply['reply']!r} lacks Paris or did not stop at "
+                                               "<|im_end|>")
+    print(machine_line(machine()))
+    print("\n".join(results["failures"]) if results["failures"] else "quality bars: all met")
+    write_json(args.json, results)
+    raise SystemExit(1 if results["failures"] else 0)
+
+
+if __name__ == "__main__":
+    main()
