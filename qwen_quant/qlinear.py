@@ -476,7 +476,10 @@ def _tiled_fp32_matmul(x2: torch.Tensor, spans: list, weight_tile) -> torch.Tens
     """x2 [M, K] @ W in fp32, W [K, N] made one span of output columns at a time by weight_tile(n0, n1) -> fp32
     [K, n1 - n0]: no full-precision copy of the whole weight is ever held."""
     xf = x2.to(torch.float32)
-    return torch.cat([xf @ weight_tile(n0, n1) for n0, n1 in spans], dim=1)
+    y = torch.empty(x2.shape[0], spans[-1][1], dtype=torch.float32)
+    for n0, n1 in spans:
+        torch.mm(xf, weight_tile(n0, n1), out=y[:, n0:n1])
+    return y
 
 
 class CpuInt4QuantLinear(QuantLinear):
