@@ -37,11 +37,12 @@ TRITON_BITS = (4, 8)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage or crashes unless K is a multiple of 16 (measured)
 # Rows of x from which the cpu backends run the fp32 prefill path rather than their kernels (where it applies, see
-# _fp32_prefill_applies). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul; 4096 x 4096 g128,
-# 1 thread, load average 22, best of 3 interleaved): Int4 kernel vs fp32 tiles 141 vs 251 ms at M = 32, 505 vs 503
-# at 128, 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at M = 32, 747 vs 348 at 128, 3942 vs 1215 at 512.
-CPU_PREFILL_MIN_M = {4: 128, 8: 32}
-CPU_PREFILL_TILE = 256  # output columns dequantized at a time: 4 MiB of fp32 at K = 4096, freed after its product
+# _prefill_block). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul; 4096 x 4096 g128, 1 thread,
+# load average 22, best of 3 interleaved): Int4 kernel vs fp32 tiles 141 vs 251 ms at M = 32, 505 vs 503 at 128,
+# 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at M = 32, 747 vs 348 at 128, 3942 vs 1215 at 512. The
+# thresholds sit at twice the ties: with 2 threads on a busy machine every parallel region of a tile costs extra.
+CPU_PREFILL_MIN_M = {4: 256, 8: 64}
+CPU_PREFILL_TILE = 512  # output columns dequantized at a time: 8 MiB of fp32 at K = 4096, freed after its product
 
 
 @dataclass
@@ -479,17 +480,22 @@ def _prefill_block() -> Optional[int]:
 def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
     """codes * scale + offset, fp32 [K, n1 - n0], from codes [K, n1 - n0] and fp32 [G, N] scales and offsets of G equal
     groups of rows."""
-    weight = codes.to(torch.float32)
-    grouped = weight.view(scales.shape[0], -1, n1 - n0)
-    torch.addcmul(offsets[:, None, n0:n1], grouped, scales[:, None, n0:n1], out=grouped)
-    return weight
+    G, n = scales.shape[0], n1 - n0
+    # One pass from the integer codes (addcmul promotes them): each operation is a parallel region, and regions, not
+    # bytes, are what a busy machine makes expensive.
+    weight = torch.empty(G, codes.shape[0] // G, n, dtype=torch.float32)
+    torch.addcmul(offsets[:, None, n0:n1], codes.view(G, -1, n), scales[:, None, n0:n1], out=weight)
+    return weight.view(-1, n)
 
 
 def _tiled_fp32_matmul(x2: torch.Tensor, spans: list, weight_tile) -> torch.Tensor:
     """x2 [M, K] @ W in fp32, W [K, N] made one span of output columns at a time by weight_tile(n0, n1) -> fp32
     [K, n1 - n0]: no full-precision copy of the whole weight is ever held."""
     xf = x2.to(torch.float32)
-    return torch.cat([xf @ weight_tile(n0, n1) for n0, n1 in spans], dim=1)
+    y = torch.empty(x2.shape[0], spans[-1][1], dtype=torch.float32)
+    for n0, n1 in spans:
+        torch.mm(xf, weight_tile(n0, n1), out=y[:, n0:n1])
+    return y
 
 
 class CpuInt4QuantLinear(QuantLinear):

@@ -104,11 +104,11 @@ def test_cpu_int8_group_not_dividing_k():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, monkeypatch):
     """From CPU_PREFILL_MIN_M rows the cpu backend multiplies fp32 tiles of its dequantized weight (forced on here,
-    whatever this CPU is): it must apply exactly the weight the kernels apply. N = 336 spans a full tile, a partial
+    whatever this CPU is): it must apply exactly the weight the kernels apply. N = 592 spans a full tile, a partial
     one and int4pack's short last block; K = 320 ends in a short group at g128."""
     monkeypatch.setattr(qlinear, "_prefill_block", qlinear._int4pack_block)
     assert qlinear._int4pack_block() in (32, 64)
-    layer = Layer(320, 336, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
+    layer = Layer(320, 592, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
     module = layer.build("cpu")
     applied = module.dequantize().double()
     M = qlinear.CPU_PREFILL_MIN_M[bits]
