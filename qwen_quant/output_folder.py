@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 log = logging.getLogger("qwen_quant")
 MODEL_CARD_MARK = "made with qwen_quant"  # in the first lines of every model card we write
@@ -60,8 +60,8 @@ def check_output(output: Path, model_folder: Path, overwrite: bool) -> Path:
         real = path.resolve()
         if real == model or real in model.parents:
             raise ValueError(f"{what} {path} is the input model folder or holds it: choose another --output")
-        if real in cwd.parents:
-            raise ValueError(f"{what} {path} holds the current folder: choose another --output")
+        if real == cwd or real in cwd.parents:
+            raise ValueError(f"{what} {path} is or holds the current folder: choose another --output")
         if path.is_symlink():
             raise ValueError(f"{what} {path} is a symbolic link: name a folder (links are never replaced)")
         if path.exists() and not path.is_dir():
@@ -139,7 +139,8 @@ class WorkFolder:
 
     def save_block(self, i: int, tensors: dict, layers: list) -> None:
         metadata = {"layers": json.dumps(layers), "sha256": tensors_digest(tensors)}
-        write_atomic(lambda p: save_file(tensors, str(p), metadata=metadata), self.block_file(i))
+        data = safetensors.torch.save(tensors, metadata=metadata)  # written by Python: a full disk is an OSError
+        write_atomic(lambda p: p.write_bytes(data), self.block_file(i))
 
     def load_block(self, i: int) -> Optional[tuple]:
         """(tensors, layer reports) of a finished block, or None when it is not done or its file is damaged."""
