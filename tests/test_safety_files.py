@@ -466,14 +466,27 @@ def test_read_only_output_location_fails_before_the_run(tiny, tmp_path, monkeypa
 
 
 def test_disk_full_while_writing_keeps_the_blocks_for_resume(tiny, tmp_path, monkeypatch):
+    real_write_bytes = Path.write_bytes
+
+    def full_at_block_1(path, data):
+        if path.name.startswith("block_00001"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write_bytes(path, data)
+
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    blocks = tmp_path / "q.partial" / "blocks"
+    monkeypatch.setattr(Path, "write_bytes", full_at_block_1)
+    with pytest.raises(RuntimeError, match=r"no space left on the device writing .*block_00001.*--resume"):
+        quantize(tiny, tmp_path / "q", **RTN)
+    assert sorted(p.name for p in blocks.iterdir()) == ["block_00000.safetensors"]  # no partial file left
+    monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
     monkeypatch.setattr(quantize_module, "write_shards", full)
     with pytest.raises(RuntimeError, match="no space left on the device.*--resume"):
-        quantize(tiny, tmp_path / "q", **RTN)
+        quantize(tiny, tmp_path / "q", resume=True, **RTN)
     assert not (tmp_path / "q").exists()
-    assert len(list((tmp_path / "q.partial" / "blocks").glob("*.safetensors"))) == 2
+    assert len(list(blocks.glob("*.safetensors"))) == 2
     monkeypatch.setattr(quantize_module, "write_shards", write_shards)
     report = quantize(tiny, tmp_path / "q", resume=True, **RTN)
     assert report.resumed_blocks == 2 and (tmp_path / "q" / "model.safetensors").is_file()
