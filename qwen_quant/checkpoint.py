@@ -4,13 +4,19 @@ Weights are read tensor by tensor from memory-mapped safetensors into a model bu
 needs about one copy of the weights. Pickle checkpoints are refused unless the caller opts in.
 """
 import fnmatch
+import hashlib
 import json
 import logging
+import math
 import os
+import pickle
+import re
+import reprlib
 import shutil
 import struct
 import tempfile
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -87,17 +93,36 @@ class WeightReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index: {type(e).__name__} {e}") from None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: weight_map must be an object of tensor name -> file name")
             for name, file in weight_map.items():
-                self.files[name] = self.folder / file
+                self.files[name] = self._index_entry(index, name, file)
             for file in sorted(set(self.files.values())):
                 if not file.is_file():
-                    raise FileNotFoundError(f"{index} lists {file.name}, which is missing")
+                    raise FileNotFoundError(f"{index} lists {file.relative_to(self.folder)}, which is missing")
+            for name, file in self.files.items():
+                if name not in self._header(file):
+                    raise ValueError(f"{index} puts tensor {name} in {file.name}, whose header does not hold it")
         elif (self.folder / SINGLE_NAME).is_file():
             self._index_file(self.folder / SINGLE_NAME)
         else:
             self._load_pickles(allow_pickle)
+
+    def _index_entry(self, index: Path, name, file) -> Path:
+        """The weight file an index entry names, which must lie inside the model folder. Only the file itself may be
+        a link (the Hugging Face cache links every file of a snapshot to its blobs/); the folders on the way may not."""
+        relative = PurePosixPath(file) if isinstance(file, str) else None
+        if (not isinstance(name, str) or relative is None or relative.is_absolute() or ".." in relative.parts
+                or "\\" in file or not relative.name.endswith(".safetensors")):
+            raise ValueError(f"{index}: weight_map entry {reprlib.repr(name)}: {reprlib.repr(file)} is not the name "
+                             "of a .safetensors file inside the model folder")
+        path = self.folder / relative
+        inside = self.folder.resolve() / relative.parent
+        if path.parent.exists() and path.parent.resolve() != inside:
+            raise ValueError(f"{index}: weight_map entry {name}: {file} leads out of the model folder through a link")
+        return path
 
     def _index_file(self, file: Path) -> None:
         for name in self._header(file):
@@ -118,7 +143,14 @@ class WeightReader:
                              "when loaded. Convert them to safetensors, or pass allow_pickle=True to load them "
                              "with torch.load(weights_only=True).")
         for file in pickles:
-            for name, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+            try:  # mmap needs torch's zip format; a legacy (pre-1.6) file is read whole
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                raise ValueError(f"cannot load {file} with torch.load(weights_only=True): {type(e).__name__} "
+                                 f"{reprlib.repr(str(e).splitlines()[0] if str(e) else '')}") from None
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise ValueError(f"{file} does not hold a dict of tensor name -> tensor")
+            for name, tensor in state.items():
                 self._pickled[name] = tensor
                 self.files[name] = file
 
@@ -127,6 +159,18 @@ class WeightReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def shape(self, name: str) -> tuple:
+        """A tensor's shape from its file's header, without reading it."""
+        if name in self._pickled:
+            return tuple(self._pickled[name].shape)
+        return tuple(self._header(self.files[name])[name]["shape"])
+
+    def fingerprint(self) -> str:
+        """A hash of every tensor's name, file, dtype, shape and byte range: changes when the weights' layout does."""
+        entries = {name: [str(self._pickled[name].dtype), list(self._pickled[name].shape)] if name in self._pickled
+                   else [file.name, self._header(file)[name]] for name, file in self.files.items()}
+        return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._pickled:
@@ -154,26 +198,67 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
 def read_safetensors_header(file: Path) -> dict:
-    """name -> {dtype, shape, data_offsets, data_start} of a .safetensors file, with the file's size checked."""
+    """name -> {dtype, shape, data_offsets, data_start} of a .safetensors file, checked as the safetensors library
+    checks it before anything is allocated: every size matches its shape, and the byte ranges tile the data exactly.
+    Errors never quote the file's bytes (the file may not be a safetensors file at all)."""
     size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or length > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"cannot read {file}: not a valid safetensors file (its header length is missing or "
+                             "larger than the file; is it truncated or corrupt?)")
+        raw = f.read(length)
     try:
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header of {length} bytes in a file of {size}")
-            header = json.loads(f.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {file}: not a valid safetensors file ({e}; is it truncated or corrupt?)") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + length
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"cannot read {file}: not a valid safetensors file (its header is not a JSON object; is it "
+                         "truncated or corrupt?)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{file}: __metadata__ must map names to strings")
+    data_start, data_bytes = 8 + length, size - 8 - length
     for name, info in header.items():
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        if data_start + info["data_offsets"][1] > size:
-            raise ValueError(f"cannot read {file}: tensor {name} lies past the end of the file (is it truncated?)")
+        check_tensor_entry(file, name, info, data_bytes)
         info["data_start"] = data_start
+    end = 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin = info["data_offsets"][0]
+        if begin != end:
+            raise ValueError(f"{file}: tensor {name} starts at byte {begin} of the data, where the tensor before it "
+                             f"ends at {end} ({'overlap' if begin < end else 'gap'}; not a valid safetensors file)")
+        end = info["data_offsets"][1]
+    if end != data_bytes:
+        raise ValueError(f"{file}: {data_bytes - end} bytes follow the last tensor (not a valid safetensors file)")
     return header
+
+
+def check_tensor_entry(file: Path, name: str, info, data_bytes: int) -> None:
+    def index(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{file}: tensor {name} has unsupported dtype "
+                         f"{reprlib.repr(info.get('dtype') if isinstance(info, dict) else info)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(index(d) for d in shape):
+        raise ValueError(f"{file}: tensor {name} has shape {reprlib.repr(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(index(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ValueError(f"{file}: tensor {name} has data_offsets {reprlib.repr(offsets)}, not two non-negative "
+                         "integers [begin, end] with begin <= end")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{file}: tensor {name} of shape {reprlib.repr(shape)} needs {nbytes} bytes of "
+                         f"{info['dtype']}, but its data_offsets span {offsets[1] - offsets[0]}")
+    if offsets[1] > data_bytes:
+        raise ValueError(f"cannot read {file}: tensor {name} lies past the end of the file (is it truncated?)")
 
 
 def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") -> Iterator:
@@ -189,6 +274,48 @@ def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") 
             raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
                              "float weight: the checkpoint is corrupt")
         yield name, tensor
+
+
+def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
+    """The checkpoint's tensor names and shapes (from the headers: nothing is read) against the ones the config
+    implies, before any model is built: a block more or less, or a vocabulary the embedding lacks, is an error."""
+    from .model import Block
+
+    with torch.device("meta"):  # one block stands for all of them: a bad num_hidden_layers must not build millions
+        block = {name: tuple(param.shape) for name, param in Block(config).named_parameters()}
+    h, vocab = config.hidden_size, config.vocab_size
+    top = {"transformer.wte.weight": (vocab, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (vocab, h)}
+    optional = set()
+    if config.quantization_config is not None:  # packed shapes are checked where the packing is known (qlinear)
+        for path in QUANTIZED_LINEARS:
+            del block[f"{path}.weight"]
+            block.pop(f"{path}.bias", None)
+            block.update({f"{path}.{t}": None for t in ("qweight", "qzeros", "scales")})
+            optional |= {f"{path}.g_idx", f"{path}.bias"}
+    layers = config.num_hidden_layers
+    unexpected, blocks = [], set()
+    for name in reader.names():
+        match = re.fullmatch(r"transformer\.h\.(0|[1-9][0-9]*)\.(.+)", name)
+        if match and int(match[1]) < layers and (match[2] in block or match[2] in optional):
+            blocks.add(int(match[1]))
+        elif name not in top:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in the checkpoint in {reader.folder} (its config.json has "
+                         f"num_hidden_layers {layers}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    missing_block = next((i for i in range(layers) if i not in blocks), None)
+    if missing_block is not None:
+        raise KeyError(f"tensor transformer.h.{missing_block}.ln_1.weight is missing from the checkpoint in "
+                       f"{reader.folder}: config.json has num_hidden_layers {layers}, the checkpoint "
+                       f"{len(blocks)} block(s)")
+    expected = dict(top)
+    for i in range(layers):
+        expected.update({f"transformer.h.{i}.{name}": shape for name, shape in block.items()})
+    for name, shape in expected.items():
+        if name not in reader:
+            raise KeyError(f"tensor {name} is missing from the checkpoint in {reader.folder}")
+        if shape is not None and reader.shape(name) != shape:
+            raise ValueError(f"tensor {name} has shape {list(reader.shape(name))}, the config needs {list(shape)}")
 
 
 def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtype, device) -> None:
@@ -211,6 +338,7 @@ def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", all
             (torch.bfloat16 if quant is not None else config.dtype)
     device = torch.device(device or "cpu")
     reader = WeightReader(folder, allow_pickle=allow_pickle)
+    check_tensors(reader, config)
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     if quant is not None:
@@ -227,14 +355,7 @@ def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", all
                     bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
                     backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
                     out_features=dense.out_features, sym=quant.sym, desc_act=quant.desc_act))
-    expected = {n for n, _ in model.named_parameters()}
     fill_module(model, reader, "", dtype, device)
-    known = expected | {f"transformer.h.{i}.{p}.{t}" for i in range(config.num_hidden_layers)
-                        for p in QUANTIZED_LINEARS for t in ("qweight", "qzeros", "scales", "g_idx", "bias")}
-    unexpected = [n for n in reader.names() if n not in known]
-    if unexpected:
-        raise ValueError(f"unexpected tensor(s) in the checkpoint in {folder}: {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
     return model.eval()
 
 
@@ -251,6 +372,7 @@ def load_dequantized(path_or_name, dtype=torch.float32, device=None):
     if quant is None:
         raise ValueError(f"{folder} is not a quantized checkpoint (config.json has no quantization_config)")
     reader = WeightReader(folder)
+    check_tensors(reader, config)
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     for i, block in enumerate(model.transformer.h):

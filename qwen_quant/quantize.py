@@ -6,9 +6,9 @@ collected from the outputs of the already-quantized groups before it, then the q
 block's inputs. Finished blocks are saved in a work folder beside the output, so a killed run resumes at the next
 block; the output folder appears, by one rename, only when the checkpoint is complete.
 """
+import hashlib
 import json
 import logging
-import os
 import resource
 import shutil
 import time
@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import QUANTIZED_LINEARS, WeightReader, copy_side_files, fill_module, resolve_model_path, write_shards
+from .checkpoint import (QUANTIZED_LINEARS, WeightReader, check_tensors, copy_side_files, fill_module,
+                         resolve_model_path, write_shards)
 from .config import QuantConfig, QwenConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .model import Block, make_rope, ntk_alpha
+from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
@@ -80,6 +82,7 @@ def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) 
             raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {values_per_period(bits)[0]}")
 
 
+@filesystem_errors
 def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, desc_act: bool = False,
              sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
@@ -103,54 +106,47 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
                         static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
     output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, bits))
-    work = output.with_name(output.name + ".partial")
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"output folder {output} already exists: pass --overwrite to replace it")
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    (work / "blocks").mkdir(parents=True, exist_ok=True)
-    settings = {"quant": asdict(quant), "method": method, "calibration": str(calibration), "nsamples": nsamples,
-                "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp, "model": str(folder.resolve())}
-    settings_file = work / "settings.json"
-    if resume and settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
-        raise ValueError(f"--resume: {work} was started with other settings ({settings_file}); "
-                         "run without --resume to start over")
-    settings_file.write_text(json.dumps(settings, indent=2))
+    work_path = check_output(output, folder, overwrite)
+    reader = WeightReader(folder)
+    check_tensors(reader, config)
+    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
+        to_fp16(reader.get(name), name)
+    work = WorkFolder(work_path, resume)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
-    reader = WeightReader(folder)
-    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
-        to_fp16(reader.get(name), name)
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
-    hidden = rope = None
+    hidden = rope = tokens_digest = None
     if method == "gptq":
-        hidden = embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device)
+        hidden, tokens_digest = embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype,
+                                                  device)
         rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
                          if config.use_dynamic_ntk else 1.0)
+    # Resume is keyed by content: the calibration tokens and the source weights' layout, not their paths.
+    settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
+                "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp, "config": config.to_dict(),
+                "weights_sha256": reader.fingerprint()}
+    work.start(settings, resume)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
         prefix = f"transformer.h.{i}."
-        block_file = work / "blocks" / f"block_{i:05d}.safetensors"
         with torch.device("meta"):
             block = Block(config)
         fill_module(block, reader, prefix, dtype, device)
         if out_config.ffn_size != config.ffn_size:
             pad_mlp(block.mlp, out_config.ffn_size)
-        if block_file.is_file():  # done before the run was killed: reuse its tensors, recompute its outputs
-            saved = load_file(block_file)
-            report.layers += [LayerReport(**r) for r in json.loads((block_file.with_suffix(".json")).read_text())]
+        saved = work.load_block(i)
+        if saved is not None:  # done before the run was killed: reuse its tensors, recompute its outputs
+            report.layers += [LayerReport(**r) for r in saved[1]]
             report.resumed_blocks += 1
             for path in QUANTIZED_LINEARS:
-                set_dequantized(block.get_submodule(path), saved, prefix + path, quant, dtype)
+                set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, dtype)
             if hidden is not None:
                 run_block(block, hidden, rope)
         else:
             tensors, layers = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar)
-            write_atomic(lambda p: save_file(tensors, str(p)), block_file)
-            write_atomic(lambda p: p.write_text(json.dumps([asdict(r) for r in layers])), block_file.with_suffix(".json"))
+            work.save_block(i, tensors, [asdict(r) for r in layers])
             report.layers += layers
         if hidden is not None and not torch.isfinite(hidden).all():  # blame this block, not the next one's Hessian
             raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
@@ -159,7 +155,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     bar.close()
     hidden = None  # the calibration activations are done with: free them before the export reads the big tensors
 
-    out = work / "checkpoint"
+    out = work.path / "checkpoint"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
@@ -179,15 +175,12 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     if device.type == "cuda":
         report.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
     (out / "README.md").write_text(model_card(report, folder, settings), encoding="utf-8")
-    if output.exists():  # --overwrite: the old folder goes only once the new one is complete
-        shutil.rmtree(output)
-    os.replace(out, output)
-    shutil.rmtree(work)
+    work.publish(out, output, overwrite)  # a folder replaced by --overwrite goes only once this one is complete
     return report
 
 
-def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device) -> torch.Tensor:
-    """Calibration windows -> embeddings [nsamples, seqlen, hidden] in the compute dtype."""
+def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device) -> tuple:
+    """Calibration windows -> embeddings [nsamples, seqlen, hidden] in the compute dtype, and the tokens' sha256."""
     from .calibration import get_calibration_data
     from .tokenizer import load_tokenizer
 
@@ -201,7 +194,7 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
     if not torch.isfinite(hidden).all():
         raise ValueError("calibration embeddings contain NaN or inf (transformer.wte.weight is not finite)")
-    return hidden
+    return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
 CHUNK_TOKENS = 8192  # rows per forward step: bounds the temporary memory of a stage
@@ -313,11 +306,11 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
         linear.bias = torch.nn.Parameter(tensors[f"{name}.bias"].to(linear.bias.device, dtype), requires_grad=False)
 
 
-def exported_tensors(reader: WeightReader, config: QwenConfig, work: Path):
+def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
     yield "transformer.wte.weight", to_fp16(reader.get("transformer.wte.weight"), "transformer.wte.weight")
     for i in range(config.num_hidden_layers):
-        saved = load_file(work / "blocks" / f"block_{i:05d}.safetensors")
+        saved = load_file(work.block_file(i))
         prefix = f"transformer.h.{i}."
         yield prefix + "ln_1.weight", saved[prefix + "ln_1.weight"]
         yield prefix + "ln_2.weight", saved[prefix + "ln_2.weight"]
@@ -326,12 +319,6 @@ def exported_tensors(reader: WeightReader, config: QwenConfig, work: Path):
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
     yield "transformer.ln_f.weight", to_fp16(reader.get("transformer.ln_f.weight"), "transformer.ln_f.weight")
     yield "lm_head.weight", to_fp16(reader.get("lm_head.weight"), "lm_head.weight")
-
-
-def write_atomic(write, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def summary_table(report: QuantizeReport, worst: int = 8) -> str:
@@ -364,7 +351,7 @@ def model_card(report: QuantizeReport, source: Path, settings: dict) -> str:
     q = report.quant
     return f"""# {report.output.name}
 
-GPTQ {q.bits}-bit quantization of `{source.name}` made with qwen_quant, in the layout of Qwen's published
+GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layout of Qwen's published
 `*-Int{q.bits}` checkpoints (AutoGPTQ format `{q.checkpoint_format}`), readable by transformers + optimum/GPTQModel and vLLM.
 
 | setting | value |
@@ -377,7 +364,7 @@ GPTQ {q.bits}-bit quantization of `{source.name}` made with qwen_quant, in the l
 | static groups | {q.static_groups} |
 | damp percent | {q.damp_percent} |
 | true sequential | {q.true_sequential} |
-| calibration | {settings['calibration']} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
+| calibration | {report.calibration} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
 | time | {report.seconds:.1f} s |
 
 ## Measured quality (output error of each linear on its calibration inputs)
