@@ -221,3 +221,23 @@ def test_cli_quantizes_and_names_output_like_qwen(tiny, tmp_path, monkeypatch, c
     assert "GPTQ loss" in out and "total time" in out and "peak RSS" in out
     assert main([str(named), "--bits", "8", "--group-size", "32", "--dataset", str(calib)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_on_block_reports_each_block_with_its_timings(tiny, tmp_path):
+    folder, calib = tiny
+    seen = []
+
+    def record(block):
+        seen.append((block.index, sorted(block.results), [layer.name for layer in block.layers]))
+
+    report = quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False,
+                      on_block=record)
+    linears = ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"]
+    assert seen == [(i, sorted(f"transformer.h.{i}.{p}" for p in linears), [f"transformer.h.{i}.{p}" for p in linears])
+                    for i in range(2)]
+    assert [b.index for b in report.blocks] == [0, 1] and report.layers == report.blocks[0].layers + report.blocks[1].layers
+    for b in report.blocks:
+        assert min(b.read_s, b.forward_s, b.hessian_s, b.gptq_s, b.write_s, b.cpu_s) > 0 and not b.resumed
+        assert b.seconds >= b.read_s + b.forward_s + b.hessian_s + b.gptq_s + b.write_s
+        assert b.results == {}  # the tensors were for the callback only
+    assert report.calibration_s > 0 and report.export_s > 0
