@@ -167,16 +167,16 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             for path in QUANTIZED_LINEARS:
                 set_dequantized(block.get_submodule(path), saved, prefix + path, quant, compute_dtype)
             if hidden is not None:
-                start = clock(device)
+                step_start = clock(device)
                 run_block(block, hidden, rope)
-                timings.forward_s = clock(device) - start
+                timings.forward_s = clock(device) - step_start
         else:
             tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings)
-            start = clock(device)
+            step_start = clock(device)
             write_atomic(lambda p: save_file(tensors, str(p)), block_file)
             write_atomic(lambda p: p.write_text(json.dumps([asdict(r) for r in timings.layers])),
                          block_file.with_suffix(".json"))
-            timings.write_s = clock(device) - start
+            timings.write_s = clock(device) - step_start
         del block
         timings.seconds, timings.cpu_s = clock(device) - block_start, time.process_time() - block_cpu
         report.layers += timings.layers

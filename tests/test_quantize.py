@@ -241,3 +241,4 @@ def test_on_block_reports_each_block_with_its_timings(tiny, tmp_path):
         assert b.seconds >= b.read_s + b.forward_s + b.hessian_s + b.gptq_s + b.write_s
         assert b.results == {}  # the tensors were for the callback only
     assert report.calibration_s > 0 and report.export_s > 0
+    assert report.seconds >= sum(b.seconds for b in report.blocks) + report.calibration_s + report.export_s
