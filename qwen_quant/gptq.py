@@ -221,7 +221,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
     positions = torch.arange(k, device=target.device)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else positions
-    W, H = target[:, perm], H[perm][:, perm]
+    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
+    W, H = (target[:, perm], H[perm][:, perm]) if desc_act else (target, H)
     # The group of the column at each position: its own fixed group, or the run of `group` positions it falls in.
     position_group = (perm if fixed_grid else positions) // group
     group_at = position_group.tolist()
@@ -254,13 +255,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
     g_idx = torch.empty(k, dtype=torch.int32, device=W.device)
     g_idx[perm] = position_group.to(torch.int32)
-    original_order = torch.empty_like(codes)
-    original_order[:, perm] = codes
-    result = QuantResult(original_order.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
+    if desc_act:
+        original_order = torch.empty_like(codes)
+        original_order[:, perm] = codes
+        codes = original_order
+    result = QuantResult(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
     # Every update adds an error times a row of Hinv, so W - Q = errors @ Hinv, and Hinv H_damped Hinv^T = I: the
     # sum of squared errors is tr((W - Q) H_damped (W - Q)^T). Taking the damping's part off leaves the output error
     # under H itself, without the N x K x K product that computing it directly costs.
-    damping_part = damp * H.diagonal().mean() * (target - result.dequantize()).square().sum(dtype=torch.float64)
+    original = weight.to(torch.float32).masked_fill(dead, 0)
+    damping_part = damp * H.diagonal().mean() * (original - result.dequantize()).square().sum(dtype=torch.float64)
     result.loss = float(damped_output_error - damping_part) / (2 * n)
     return result
 

@@ -87,9 +87,6 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(h, h, bias=not config.no_bias)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        return self.c_proj(self.mix(self.c_attn(x), rope))
-
     def mix(self, qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Fused q|k|v [B, T, 3h] -> the heads' attention outputs [B, T, h], before c_proj."""
         B, T, h3 = qkv.shape
@@ -128,15 +125,24 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(h, ff, bias=not config.no_bias)  # gate
         self.c_proj = nn.Linear(ff, h, bias=not config.no_bias)
 
-    def forward(self, x):
-        return self.c_proj(self.hidden(x))
-
     def hidden(self, x):
         """The input of c_proj: up * silu(gate)."""
         return self.w1(x) * F.silu(self.w2(x))
 
 
 class Block(nn.Module):
+    """forward is written as stages, one per true-sequential group of linears (GROUPS), so that quantization can run
+    one stage over all its calibration chunks, quantize that group, and then run the next stage, without a second
+    description of the block.
+
+    Stage i (0 <= i < len(GROUPS)) returns the input of GROUPS[i]; stage len(GROUPS) returns the block's output. Each
+    stage takes x, the block's input [B, T, h], and y, a scratch tensor of the same shape that carries the residual
+    stream between stages (updated in place), and may be given the previous stage's result (`previous`, else it is
+    recomputed): forward passes it on, quantization keeps only x and y.
+    """
+
+    GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
+
     def __init__(self, config: QwenConfig):
         super().__init__()
         self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
@@ -145,8 +151,28 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
-        return x + self.mlp(self.ln_2(x))
+        y, result = torch.empty_like(x), None
+        for stage in range(len(self.GROUPS) + 1):
+            result = self.stage(stage, x, y, rope, result)
+        return result
+
+    def stage(self, stage: int, x: torch.Tensor, y: torch.Tensor, rope: Rope,
+              previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if stage == 0:  # c_attn sees ln_1(x)
+            return self.ln_1(x)
+        if stage == 1:  # c_proj sees the heads' attention outputs, kept in y
+            normed = self.ln_1(x) if previous is None else previous
+            y.copy_(self.attn.mix(self.attn.c_attn(normed), rope))
+            return y
+        if stage == 2:  # w1 and w2 see ln_2 of the residual stream after attention, which y holds from here on
+            torch.add(x, self.attn.c_proj(y), out=y)
+            return self.ln_2(y)
+        if stage == 3:  # mlp.c_proj sees up * silu(gate)
+            return self.mlp.hidden(self.ln_2(y) if previous is None else previous)
+        if stage == 4:
+            hidden = self.mlp.hidden(self.ln_2(y)) if previous is None else previous
+            return y + self.mlp.c_proj(hidden)
+        raise ValueError(f"a block has stages 0 to {len(self.GROUPS)}, not {stage}")
 
 
 class Transformer(nn.Module):

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -49,12 +49,33 @@ class LayerReport:
 
 
 @dataclass
+class BlockReport:
+    """One decoder block: where its time went (wall seconds; on CUDA after waiting for the queued work) and its layers."""
+    index: int
+    layers: list = field(default_factory=list)  # LayerReport of each linear
+    read_s: float = 0.0  # reading its weights
+    forward_s: float = 0.0  # its stages over the calibration chunks (the output of a resumed block included)
+    hessian_s: float = 0.0  # accumulating the Hessians
+    gptq_s: float = 0.0  # quantizing its linears: GPTQ (or RTN), the RTN comparison, packing
+    write_s: float = 0.0  # saving the finished block in the work folder
+    seconds: float = 0.0  # the whole block
+    cpu_s: float = 0.0  # process CPU time of the whole block, all threads
+    resumed: bool = False
+    # The quantizer's output (QuantResult) per linear name while quantize()'s on_block runs, then emptied so that the
+    # report holds no tensors; empty for a resumed block.
+    results: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass
 class QuantizeReport:
     output: Path
     quant: QuantConfig
     method: str
     layers: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)  # BlockReport of each block, without its results
     seconds: float = 0.0
+    calibration_s: float = 0.0  # reading, tokenizing and embedding the calibration windows
+    export_s: float = 0.0  # writing the output checkpoint's tensors
     peak_rss_bytes: int = 0
     peak_cuda_bytes: int = 0
     output_bytes: int = 0
@@ -87,10 +108,14 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
-             mse: bool = True, progress: bool = True, tp: Optional[int] = None) -> QuantizeReport:
+             mse: bool = True, progress: bool = True, tp: Optional[int] = None,
+             on_block: Optional[Callable[[BlockReport], None]] = None) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
-    tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn)."""
+    tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
+    on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
+    and, during the call only, the quantizer's results.
+    """
     start = time.time()
     folder = resolve_model_path(model_path)
     config = QwenConfig.from_file(folder)
@@ -115,12 +140,15 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
+    compute_dtype = block_compute_dtype(device, dtype)
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
     hidden = rope = tokens_digest = None
     if method == "gptq":
+        calibration_start = time.perf_counter()
         hidden, tokens_digest = embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype,
                                                   device)
+        report.calibration_s = time.perf_counter() - calibration_start
         rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
                          if config.use_dynamic_ntk else 1.0)
     # Resume is keyed by content: the calibration tokens and the source weights' layout, not their paths.
@@ -131,27 +159,40 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
         prefix = f"transformer.h.{i}."
+        timings = BlockReport(i)
+        block_start, block_cpu = clock(device), time.process_time()
         with torch.device("meta"):
             block = Block(config)
-        fill_module(block, reader, prefix, dtype, device)
+        fill_module(block, reader, prefix, compute_dtype, device)
         if out_config.ffn_size != config.ffn_size:
             pad_mlp(block.mlp, out_config.ffn_size)
+        timings.read_s = clock(device) - block_start
         saved = work.load_block(i)
         if saved is not None:  # done before the run was killed: reuse its tensors, recompute its outputs
-            report.layers += [LayerReport(**r) for r in saved[1]]
+            timings.layers = [LayerReport(**r) for r in saved[1]]
+            timings.resumed = True
             report.resumed_blocks += 1
             for path in QUANTIZED_LINEARS:
-                set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, dtype)
+                set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
             if hidden is not None:
+                step_start = clock(device)
                 run_block(block, hidden, rope)
+                timings.forward_s = clock(device) - step_start
         else:
-            tensors, layers = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar)
-            work.save_block(i, tensors, [asdict(r) for r in layers])
-            report.layers += layers
+            tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings)
+            step_start = clock(device)
+            work.save_block(i, tensors, [asdict(r) for r in timings.layers])
+            timings.write_s = clock(device) - step_start
         if hidden is not None and not torch.isfinite(hidden).all():  # blame this block, not the next one's Hessian
             raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
                              f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
         del block
+        timings.seconds, timings.cpu_s = clock(device) - block_start, time.process_time() - block_cpu
+        report.layers += timings.layers
+        report.blocks.append(timings)
+        if on_block is not None:
+            on_block(timings)
+        timings.results = {}
     bar.close()
     hidden = None  # the calibration activations are done with: free them before the export reads the big tensors
 
@@ -159,7 +200,9 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
+    export_start = time.perf_counter()
     report.output_bytes = write_shards(exported_tensors(reader, config, work), out, max_shard_bytes)
+    report.export_s = time.perf_counter() - export_start
     out_config.torch_dtype = "float16"
     out_config.extra.update(bf16=False, fp16=True, fp32=False)
     out_config.quantization_config = quant
@@ -197,7 +240,7 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-CHUNK_TOKENS = 8192  # rows per forward step: bounds the temporary memory of a stage
+CHUNK_TOKENS = 2048  # rows per forward step: bounds the temporary memory of a stage (fp32 on the CPU)
 
 
 def chunks(n_samples: int, seqlen: int):
@@ -205,22 +248,56 @@ def chunks(n_samples: int, seqlen: int):
     return [slice(s, min(s + step, n_samples)) for s in range(0, n_samples, step)]
 
 
+def block_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a block's weights and arithmetic while it is quantized; activations are kept in `dtype`.
+
+    A CPU without bf16 instructions (AVX512-BF16 or AMX) multiplies bf16 matrices several times slower than fp32
+    (6.6x on AVX2 at 2048 x 2048 x 5504), so there the block computes in fp32.
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16 and not (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.float32
+    return dtype
+
+
+def run_stage(block: Block, stage: int, hidden: torch.Tensor, scratch: torch.Tensor, s: slice, rope) -> torch.Tensor:
+    """Block.stage on the chunk s of the activation buffers, in the block's dtype; the scratch keeps its update."""
+    dtype = block.ln_1.weight.dtype
+    x, y = hidden[s].to(dtype), scratch[s].to(dtype)
+    result = block.stage(stage, x, y, rope)
+    if scratch.dtype != dtype:  # y is a copy: store what the stage wrote into it
+        scratch[s] = y
+    return result
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done: CUDA time is charged to the step that queued it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.inference_mode()
-def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar):
-    """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output."""
+def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar,
+                   timings: BlockReport) -> dict:
+    """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
+
+    Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
+    Block.GROUPS are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
+    before it already quantized; two activation buffers (`hidden` and a scratch of its size) carry the stages.
+    """
     tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
-    layers = []
-    attn, mlp = block.attn, block.mlp
+    device = block.ln_1.weight.device
 
     def quantize_group(paths, hessian: Optional[HessianAccumulator]):
+        H = hessian.hessian if hessian is not None else None
         for path in paths:
             bar.set_postfix_str(path)
-            t0 = time.time()
+            t0 = clock(device)
             name = prefix + path
             linear = block.get_submodule(path)
             w = linear.weight.float()
             if method == "gptq":
-                H = hessian.hessian
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
                                        quant.static_groups, quant.damp_percent, mse=mse, name=name)
                 # The baseline every paper reports: plain round-to-nearest on the min/max grid.
@@ -229,48 +306,49 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
                 result, rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=mse, name=name), None
             tensors.update(export_linear(name, result, linear.bias, quant))
             set_dequantized(linear, tensors, name, quant, linear.weight.dtype)
-            layers.append(LayerReport(name, tuple(w.shape), hessian.nsamples if hessian else 0, result.loss,
-                                      rtn_loss, result.damp, time.time() - t0))
+            seconds = clock(device) - t0
+            timings.gptq_s += seconds
+            timings.results[name] = result
+            timings.layers.append(LayerReport(name, tuple(w.shape), hessian.nsamples if hessian else 0, result.loss,
+                                              rtn_loss, result.damp, seconds))
 
     if method == "rtn":
         quantize_group(QUANTIZED_LINEARS, None)
-        return tensors, layers
+        return tensors
 
-    h, ff = attn.c_proj.in_features, mlp.c_proj.in_features
+    scratch = torch.empty_like(hidden)
     parts = chunks(hidden.shape[0], hidden.shape[1])
-    # Stage 1: c_attn sees ln_1(x).
-    acc = HessianAccumulator(h, prefix + "attn.c_attn", hidden.device)
-    for s in parts:
-        acc.add_batch(block.ln_1(hidden[s]))
-    quantize_group(["attn.c_attn"], acc)
-    # Stage 2: c_proj sees the attention output computed with the quantized c_attn.
-    mixed = torch.empty_like(hidden)
-    acc = HessianAccumulator(h, prefix + "attn.c_proj", hidden.device)
-    for s in parts:
-        mixed[s] = attn.mix(attn.c_attn(block.ln_1(hidden[s])), rope)
-        acc.add_batch(mixed[s])
-    quantize_group(["attn.c_proj"], acc)
-    # Stage 3: w1 and w2 share their input ln_2(x + c_proj(...)); `mixed` now holds the residual stream.
-    acc = HessianAccumulator(h, prefix + "mlp.w1+w2", hidden.device)
-    for s in parts:
-        mixed[s] = hidden[s] + attn.c_proj(mixed[s])
-        acc.add_batch(block.ln_2(mixed[s]))
-    quantize_group(["mlp.w1", "mlp.w2"], acc)
-    # Stage 4: mlp.c_proj sees up * silu(gate) from the quantized w1, w2.
-    acc = HessianAccumulator(ff, prefix + "mlp.c_proj", hidden.device)
-    for s in parts:
-        acc.add_batch(mlp.hidden(block.ln_2(mixed[s])))
-    quantize_group(["mlp.c_proj"], acc)
+    for stage, group in enumerate(Block.GROUPS):
+        hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device)
+        for s in parts:
+            start = clock(device)
+            inputs = run_stage(block, stage, hidden, scratch, s, rope)
+            middle = clock(device)
+            hessian.add_batch(inputs)
+            timings.forward_s += middle - start
+            timings.hessian_s += clock(device) - middle
+        quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
+    start = clock(device)
+    finish_block(block, hidden, scratch, parts, rope)
+    timings.forward_s += clock(device) - start
+    return tensors
+
+
+def finish_block(block: Block, hidden: torch.Tensor, scratch: torch.Tensor, parts: list, rope) -> None:
     for s in parts:
-        hidden[s] = mixed[s] + mlp(block.ln_2(mixed[s]))
-    return tensors, layers
+        hidden[s] = run_stage(block, len(Block.GROUPS), hidden, scratch, s, rope)
 
 
 @torch.inference_mode()
 def run_block(block: Block, hidden: torch.Tensor, rope) -> None:
-    for s in chunks(hidden.shape[0], hidden.shape[1]):
-        hidden[s] = block(hidden[s], rope)
+    """The output of an already quantized block, by the same stages and roundings as quantize_block."""
+    scratch = torch.empty_like(hidden)
+    parts = chunks(hidden.shape[0], hidden.shape[1])
+    for stage in range(len(Block.GROUPS)):
+        for s in parts:
+            run_stage(block, stage, hidden, scratch, s, rope)
+    finish_block(block, hidden, scratch, parts, rope)
 
 
 def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantConfig) -> dict:

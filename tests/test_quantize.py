@@ -1,4 +1,3 @@
-import importlib
 import json
 
 import numpy as np
@@ -9,12 +8,9 @@ from safetensors.torch import load_file, save_file
 from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
-from qwen_quant.gptq import gptq_quantize
 from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint, tiny_config
 
-# The module, not the function qwen_quant.quantize that the package exports under the same name.
-quantize_module = importlib.import_module("qwen_quant.quantize")
 FP_PERPLEXITY = 5.667345  # stories260k_qwen model card, 256-token windows
 
 
@@ -93,21 +89,16 @@ def test_exported_layout_is_the_published_one(stories_runs, stories_dir):
     assert not tensors["transformer.h.2.mlp.w1.bias"].any()
 
 
-def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path, monkeypatch):
-    """Capture what gptq_quantize returned and read it back from the files with an independent unpacker."""
+def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path):
+    """Capture what the quantizer returned (given to on_block) and read it back from the files with an independent
+    unpacker."""
     results = {}
-
-    def recording(*args, **kwargs):
-        result = gptq_quantize(*args, **kwargs)
-        results[kwargs["name"]] = result
-        return result
-
-    monkeypatch.setattr(quantize_module, "gptq_quantize", recording)
     for bits, sym, desc_act in [(4, True, True), (3, False, False), (8, True, False), (2, False, True)]:
         out = tmp_path / f"q{bits}{sym}{desc_act}"
         results.clear()
         quantize(stories_dir, out, bits=bits, group_size=32, sym=sym, desc_act=desc_act,
-                 calibration=stories_dir / "calib_ids.npy", nsamples=16, seqlen=64, progress=False)
+                 calibration=stories_dir / "calib_ids.npy", nsamples=16, seqlen=64, progress=False,
+                 on_block=lambda block: results.update(block.results))
         tensors = load_file(out / "model.safetensors")
         fmt = json.loads((out / "config.json").read_text())["quantization_config"].get("checkpoint_format", "gptq")
         assert fmt == ("gptq" if sym else "gptq_v2")
@@ -128,29 +119,22 @@ def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path, 
                 assert not torch.equal(g_idx, torch.arange(k, dtype=torch.int32) // 32)
 
 
-def test_resume_after_a_kill_gives_identical_bytes(tmp_path, monkeypatch):
+def test_resume_after_a_kill_gives_identical_bytes(tmp_path):
     model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
     calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
     np.save(tmp_path / "calib.npy", calib)
     kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=8, seqlen=32, progress=False)
     quantize(model, tmp_path / "straight", **kwargs)
 
-    real = quantize_module.quantize_block
-    calls = []
-
-    def dies_on_third_block(block, prefix, *args):
-        calls.append(prefix)
-        if len(calls) == 3:
+    def killed_after_second_block(block):
+        if block.index == 1:
             raise KeyboardInterrupt("killed")
-        return real(block, prefix, *args)
 
-    monkeypatch.setattr(quantize_module, "quantize_block", dies_on_third_block)
     with pytest.raises(KeyboardInterrupt):
-        quantize(model, tmp_path / "resumed", **kwargs)
+        quantize(model, tmp_path / "resumed", on_block=killed_after_second_block, **kwargs)
     assert not (tmp_path / "resumed").exists()  # nothing that looks like a checkpoint
     assert sorted(p.name for p in (tmp_path / "resumed.partial" / "blocks").glob("*.safetensors")) == \
         ["block_00000.safetensors", "block_00001.safetensors"]
-    monkeypatch.setattr(quantize_module, "quantize_block", real)
     report = quantize(model, tmp_path / "resumed", resume=True, **kwargs)
     assert report.resumed_blocks == 2
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
@@ -238,3 +222,24 @@ def test_cli_quantizes_and_names_output_like_qwen(tiny, tmp_path, monkeypatch, c
     assert "GPTQ loss" in out and "total time" in out and "peak RSS" in out
     assert main([str(named), "--bits", "8", "--group-size", "32", "--dataset", str(calib)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_on_block_reports_each_block_with_its_timings(tiny, tmp_path):
+    folder, calib = tiny
+    seen = []
+
+    def record(block):
+        seen.append((block.index, sorted(block.results), [layer.name for layer in block.layers]))
+
+    report = quantize(folder, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32, progress=False,
+                      on_block=record)
+    linears = ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"]
+    assert seen == [(i, sorted(f"transformer.h.{i}.{p}" for p in linears), [f"transformer.h.{i}.{p}" for p in linears])
+                    for i in range(2)]
+    assert [b.index for b in report.blocks] == [0, 1] and report.layers == report.blocks[0].layers + report.blocks[1].layers
+    for b in report.blocks:
+        assert min(b.read_s, b.forward_s, b.hessian_s, b.gptq_s, b.write_s, b.cpu_s) > 0 and not b.resumed
+        assert b.seconds >= b.read_s + b.forward_s + b.hessian_s + b.gptq_s + b.write_s
+        assert b.results == {}  # the tensors were for the callback only
+    assert report.calibration_s > 0 and report.export_s > 0
+    assert report.seconds >= sum(b.seconds for b in report.blocks) + report.calibration_s + report.export_s
