@@ -1,15 +1,15 @@
-"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `qwen-quantize memory`."""
+"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `memory` / `plan`."""
 import argparse
 import logging
 import sys
 
-SUBCOMMANDS = ("eval", "memory")
+SUBCOMMANDS = ("eval", "memory", "plan")
 
 
 def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
                                 "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
-                                "MODEL, qwen-quantize memory MODEL.")
+                                "MODEL, qwen-quantize memory MODEL, qwen-quantize plan MODEL.")
     p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=int, default=128, help="inputs per quantization group; -1 = per channel")
@@ -57,6 +57,19 @@ def memory_parser() -> argparse.ArgumentParser:
     return p
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-quantize plan", description="Before quantizing: the run's peak device "
+                                "memory, peak host memory, output disk and time, term by term.")
+    p.add_argument("model", help="a published name (no download needed) or a folder holding config.json")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    return p
+
+
 def run_quantize(args) -> None:
     from .quantize import quantize, summary_table
 
@@ -99,12 +112,20 @@ def run_memory(args) -> None:
     print(memory_report(args.model, bits=args.bits, tokens=args.tokens, group_size=args.group_size))
 
 
+def run_plan(args) -> None:
+    from .plan import plan_report
+
+    print(plan_report(args.model, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
+                      seqlen=args.seqlen, device=args.device, method=args.method))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-        parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory)}[command]
+        parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory),
+                       "plan": (plan_parser, run_plan)}[command]
     else:
         parser, run = quantize_parser, run_quantize
     args = parser().parse_args(argv)

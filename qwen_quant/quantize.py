@@ -25,6 +25,7 @@ from .config import QuantConfig, QwenConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .model import Block, make_rope, ntk_alpha
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
+from .plan import check_plan, plan_quantization, plan_totals
 from .published import find_published
 
 log = logging.getLogger("qwen_quant")
@@ -112,6 +113,10 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
+    plan = plan_quantization(config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
+                             tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes)
+    check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work / "blocks").iterdir()))
+    log.info(plan_totals(plan))
     reader = WeightReader(folder)
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
