@@ -220,9 +220,8 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
     flops = run_flops(config, nsamples, seqlen, method)
     rates = {}
     if device != "cuda" or torch.cuda.is_available():
-        rates = {f"{_name(dtype)} matmul": matmul_rate(dtype, device), "float32 matmul": matmul_rate(torch.float32,
-                                                                                                    device)}
-        compute, fp32 = rates.values()
+        compute, fp32 = matmul_rate(dtype, device), matmul_rate(torch.float32, device)
+        rates = {f"{_name(dtype)} matmul": compute, "float32 matmul": fp32}
         seconds = {"calibration forwards": flops["calibration forwards"] / compute,
                    "Hessians": flops["Hessians"] / fp32, "GPTQ": flops["GPTQ"] / fp32,
                    "output-error report": flops["loss"] / fp32}
