@@ -8,6 +8,7 @@ The time is the run's arithmetic (forwards of every block over nsamples x seqlen
 factorizations and updates) at this machine's measured matmul rate: a floor, as it leaves out Python overhead and
 memory-bound work. `check_plan` is the check quantize() makes before its first block.
 """
+import ctypes
 import functools
 import os
 import shutil
@@ -36,6 +37,8 @@ GPTQ_SQUARES = 7
 # Weight-sized fp32 matrices [N, K] alive then: the layer's weight in fp32, its clone and the permuted working copy.
 GPTQ_WEIGHT_COPIES = 3
 RATE_SECONDS = 0.2  # how long the matmul rate is measured, per dtype and device
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 2**20
 
 
 @dataclass
@@ -66,6 +69,18 @@ def process_rss_bytes() -> int:
     """This process's RSS now: the interpreter, torch and the libraries a run starts from."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def return_freed_tensors_to_os() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping, given back to the OS when freed, so that the
+    RSS follows the tensors alive, which is what the plan counts. By default glibc raises this threshold (up to
+    32 MiB) each time a large block is freed, then keeps freed tensors below it in its heap: measured at hidden
+    1024, the export's peak held 300 MiB of the block phase's freed Hessians on top of its own tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator is not ours to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,9 +147,9 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         solver = term("GPTQ working copies", 4 * (GPTQ_SQUARES * K * K + GPTQ_WEIGHT_COPIES * K * N),
                       f"at the [{K} -> {N}] layer: {GPTQ_SQUARES} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
                       f"factors) and {GPTQ_WEIGHT_COPIES} fp32 weight copies")
-        # The MLP stage's chunk: w1 and w2 outputs and their product (compute dtype), its fp32 copy for the
-        # Hessian, beside the fp32 [ff, ff] accumulator.
-        chunk = term("chunk temporaries", rows * (3 * ff * act + 4 * ff + h * act) + 4 * ff * ff,
+        # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
+        # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
+        chunk = term("chunk temporaries", rows * (max(4 * act, act + 4) * ff + 4 * h) + 4 * ff * ff,
                      f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator")
         widest = max(solver, chunk, key=lambda t: t[1])
         block_device = dict([activations, weights, widest])

@@ -25,7 +25,7 @@ from .config import QuantConfig, QwenConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .model import Block, make_rope, ntk_alpha
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
-from .plan import check_plan, plan_quantization, plan_totals
+from .plan import check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
 from .published import find_published
 
 log = logging.getLogger("qwen_quant")
@@ -117,6 +117,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                              tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes)
     check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work / "blocks").iterdir()))
     log.info(plan_totals(plan))
+    return_freed_tensors_to_os()
     reader = WeightReader(folder)
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
