@@ -7,13 +7,14 @@ Sections:
   2048 (CUDA events, warm-up, median), the bytes it moves per second and their share of the device-to-device copy
   bandwidth measured here.
 - decode: tokens/s of a random 7B-shaped model (fp16, Int8, Int4; batch 1, a 1-token context, 256 new tokens).
-- memory: max_memory_allocated of Qwen's published protocol (1-token context, 2048 new tokens) against
-  memory.estimate_memory, per precision.
 - gptq: quantize() of one random 7B-shaped block on 128 x 2048 tokens: seconds per block, peak CUDA memory and
   time against the plan (qwen_quant.plan).
+- memory: max_memory_allocated of Qwen's published protocol (1-token context, 2048 new tokens) against
+  memory.estimate_memory, per precision (last: the longest).
 
 --toy (automatic without CUDA) runs the same code at toy sizes on the CPU under TRITON_INTERPRET=1 (set here before
-Triton is imported): a check of the script, not of any GPU figure.
+Triton is imported): a check of the script, not of any GPU figure. A section that fails is reported with its error
+and the others still run; a section is not started once BUDGET_SECONDS have passed.
 
     python benchmarks/gpu_check.py [--toy] [--json PATH] [--sections correctness,kernels,...]
 """
