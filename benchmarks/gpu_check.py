@@ -14,7 +14,7 @@ Sections:
 
 --toy (automatic without CUDA) runs the same code at toy sizes on the CPU under TRITON_INTERPRET=1 (set here before
 Triton is imported): a check of the script, not of any GPU figure. A section that fails is reported with its error
-and the others still run; a section is not started once BUDGET_SECONDS have passed.
+and the others still run; on the GPU a section is not started once BUDGET_SECONDS have passed.
 
     python benchmarks/gpu_check.py [--toy] [--json PATH] [--sections correctness,kernels,...]
 """
@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 SECTIONS = ("correctness", "kernels", "decode", "gptq", "memory")  # the longest (2048 tokens x 3 models) last
-BUDGET_SECONDS = 450  # a section is not started past this, so the whole check stays within 8 minutes
+BUDGET_SECONDS = 450  # on the GPU a section is not started past this, so the whole check stays within 8 minutes
 
 
 def parse_args():
@@ -292,7 +292,7 @@ def run(sections, toy: bool) -> dict:
     start = time.perf_counter()
     for name in sections:
         t0 = time.perf_counter()
-        if t0 - start > BUDGET_SECONDS:
+        if not toy and t0 - start > BUDGET_SECONDS:  # the toy run's time is the CPU's load, not the check's
             result[name] = {"error": f"skipped: {t0 - start:.0f} s spent, past the budget of {BUDGET_SECONDS} s"}
             continue
         try:
