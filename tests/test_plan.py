@@ -44,11 +44,11 @@ def test_plan_refuses_a_published_quantized_name():
     assert main(["plan", "Qwen-7B-Chat-Int4"]) == 2
 
 
-# A checkpoint whose run fits in seconds yet where every phase is sizeable: a 64k-row embedding (the export),
-# an MLP of 4096 (GPTQ's [4096, 4096] Hessians) and 2 x 32768 calibration tokens of width 512.
-MEASURED_CONFIG = dict(hidden_size=512, num_attention_heads=8, intermediate_size=2 * 4096, vocab_size=65536,
+# A checkpoint whose run takes seconds on a quiet machine yet where every phase is sizeable: a 64k-row embedding
+# (the export), an MLP of 2816 (GPTQ's [2816, 2816] Hessians) and 8192 calibration tokens of width 1024.
+MEASURED_CONFIG = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=2 * 2816, vocab_size=65536,
                        num_hidden_layers=1, seq_length=2048, max_position_embeddings=4096, torch_dtype="bfloat16")
-MEASURED_RUN = dict(bits=4, group_size=128, nsamples=64, seqlen=512)
+MEASURED_RUN = dict(bits=4, group_size=128, nsamples=32, seqlen=256)
 
 CHILD = textwrap.dedent("""
     import json, sys
