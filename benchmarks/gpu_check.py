@@ -36,7 +36,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--toy", action="store_true", help="toy sizes on the CPU under the Triton interpreter")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON to this file")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of " + ", ".join(SECTIONS))
     return parser.parse_args()
 
 
@@ -50,7 +51,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit
 
 from qwen_quant import packing  # noqa: E402
-from qwen_quant.config import QuantConfig, QwenConfig  # noqa: E402
+from qwen_quant.config import QwenConfig  # noqa: E402
 from qwen_quant.memory import estimate_memory, measure_peak_bytes  # noqa: E402
 from qwen_quant.published import SIZES  # noqa: E402
 from qwen_quant.qlinear import QuantLinear  # noqa: E402

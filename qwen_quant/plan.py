@@ -168,7 +168,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     host_base = dict([baseline])
     if cuda:
         host_base.update([term("CUDA runtime", CUDA_RUNTIME_HOST_BYTES, "driver and kernel images in RSS")])
-    tok = [term("tokenizer", TOKENIZER_BYTES, "the Qwen tokenizer and the tokenized text")] if gptq and tokenizer else []
+    tok = [term("tokenizer", TOKENIZER_BYTES, "the Qwen tokenizer and the tokenized text")] if gptq and tokenizer \
+        else []
     embed_host = {**host_base, **dict(tok), **dict([wte, term("calibration tokens", T * 8, "int64 ids")]),
                   **dict([term("embeddings", T * h * ckpt, f"[{nsamples}, {seqlen}, {h}] {_name(config.dtype)}")
                           ] if gptq else [])}
@@ -286,10 +287,10 @@ def check_plan(plan: QuantPlan, output: Path, device: torch.device, reusable_byt
     if device.type == "cuda":
         free_gpu, _ = torch.cuda.mem_get_info(device)
         if plan.device_memory.total > free_gpu:
+            activations = plan.device_memory.terms.get("calibration activations", 0)
             raise ValueError(f"the run needs about {plan.device_memory.total / 2**30:.2f} GiB on {device} and "
                              f"{free_gpu / 2**30:.2f} GiB are free: lower --nsamples or --seqlen (the calibration "
-                             f"activations take {plan.device_memory.terms.get('calibration activations', 0) / 2**30:.2f}"
-                             f" GiB), or use --device cpu")
+                             f"activations take {activations / 2**30:.2f} GiB), or use --device cpu")
 
 
 def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, group_size: int = 128,
