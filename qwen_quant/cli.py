@@ -1,11 +1,11 @@
-"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `memory` / `demo`."""
+"""`qwen-quantize`: quantize a model (the default), or `qwen-quantize eval` / `memory` / `plan` / `demo`."""
 import argparse
 import logging
 import math
 import os
 import sys
 
-SUBCOMMANDS = ("eval", "memory", "demo")
+SUBCOMMANDS = ("eval", "memory", "plan", "demo")
 DEBUG_VARIABLE = "QWEN_QUANT_DEBUG"  # set to 1 for the traceback of an unexpected error
 
 
@@ -69,7 +69,7 @@ SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
                                 "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
-                                "MODEL, qwen-quantize memory MODEL, qwen-quantize demo.")
+                                "MODEL, qwen-quantize memory MODEL, qwen-quantize plan MODEL, qwen-quantize demo.")
     p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=group_size, default=128,
@@ -138,6 +138,19 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-quantize plan", description="Before quantizing: the run's peak device "
+                                "memory, peak host memory, output disk and time, term by term.")
+    p.add_argument("model", help="a published name (no download needed) or a folder holding config.json")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=group_size, default=128)
+    p.add_argument("--nsamples", type=int_at_least(1), default=128)
+    p.add_argument("--seqlen", type=int_at_least(1), default=2048)
+    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    return p
+
+
 def run_quantize(args) -> None:
     from .quantize import quantize, summary_table
 
@@ -178,6 +191,13 @@ def run_memory(args) -> None:
     print(memory_report(args.model, bits=args.bits, tokens=args.tokens, group_size=args.group_size))
 
 
+def run_plan(args) -> None:
+    from .plan import plan_report
+
+    print(plan_report(args.model, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
+                      seqlen=args.seqlen, device=args.device, method=args.method))
+
+
 def run_demo(args) -> None:
     from .demo import run_demo as demo
 
@@ -190,7 +210,7 @@ def main(argv=None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
         parser, run = {"eval": (eval_parser, run_eval), "memory": (memory_parser, run_memory),
-                       "demo": (demo_parser, run_demo)}[command]
+                       "plan": (plan_parser, run_plan), "demo": (demo_parser, run_demo)}[command]
     else:
         parser, run = quantize_parser, run_quantize
     p = parser()

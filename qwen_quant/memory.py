@@ -331,12 +331,13 @@ def where_the_saving_comes_from(estimate: MemoryEstimate, published_gib: float) 
     return [textwrap.fill(line, 116, subsequent_indent="  ") for line in lines]
 
 
-def format_memory_report(estimate: MemoryEstimate, published: Optional[float] = None) -> str:
+def format_memory_report(estimate: MemoryEstimate, published: Optional[float] = None,
+                         heading: str = "Peak memory") -> str:
     """The terms one per line (GiB), the total beside Qwen's published figure (GiB, when given), and where the
     saving comes from."""
     width = max(map(len, estimate.terms)) + 2
     unit, scale = _unit_for(estimate.total)
-    lines = [f"Peak memory: {estimate.description}", ""]
+    lines = [f"{heading}: {estimate.description}", ""]
     lines += [f"  {name:<{width}}{nbytes / scale:>8.3f} {unit}   {estimate.notes[name]}"
               for name, nbytes in estimate.terms.items()]
     lines.append(f"  {'total':<{width}}{estimate.total / scale:>8.3f} {unit}")

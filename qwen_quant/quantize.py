@@ -27,6 +27,7 @@ from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
+from .plan import check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
 
@@ -141,6 +142,11 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
     compute_dtype = block_compute_dtype(device, dtype)
+    plan = plan_quantization(config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
+                             tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes)
+    check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work.path / "blocks").iterdir()))
+    log.info(plan_totals(plan))
+    return_freed_tensors_to_os()
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
 
     hidden = rope = tokens_digest = None

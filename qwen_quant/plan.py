@@ -1,0 +1,313 @@
+"""Pre-flight plan of a quantization run: peak device memory, peak host memory (RSS), disk and time, term by term.
+
+`plan_quantization` needs only a config and the run's settings; every memory term is the bytes of tensors that
+`quantize.quantize` (and `gptq.gptq_quantize`) hold at once, at the widest moment of one of the run's three phases:
+embedding the calibration windows, quantizing a block (the widest layer's GPTQ), and exporting (the fp16 embedding
+and lm_head streamed to disk). The terms live in `quantization_terms` alone, so they follow quantize() when it changes.
+The time is the run's arithmetic (forwards of every block over nsamples x seqlen tokens, the Hessians, GPTQ's
+factorizations and updates) at this machine's measured matmul rate: a floor, as it leaves out Python overhead and
+memory-bound work. `check_plan` is the check quantize() makes before its first block.
+"""
+import ctypes
+import functools
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import QwenConfig
+from .memory import MemoryEstimate, block_linears, format_memory_report
+from .published import find_published
+
+# Measured on this project's machines: the Qwen tokenizer (tiktoken's 151643 ranks as Python bytes plus its Rust
+# core's copy) and tokenizing a WikiText-sized text add about 64 MiB of RSS.
+TOKENIZER_BYTES = 64 * 2**20
+# CUDA's host-side runtime (driver, kernels' images) in the process's RSS, once a CUDA tensor exists.
+CUDA_RUNTIME_HOST_BYTES = 512 * 2**20
+# cuBLAS and cuSOLVER workspaces come from PyTorch's caching allocator (see memory.CUBLAS_WORKSPACE_BYTES).
+CUDA_WORKSPACE_BYTES = 64 * 2**20
+# Square matrices [K, K] fp32 alive at once at GPTQ's widest moment (the Cholesky of the inverse): the Hessian
+# accumulator, its symmetric copy, gptq_quantize's clone permuted into order, then the damped copy, its Cholesky
+# factor, the inverse and the inverse's upper factor.
+GPTQ_SQUARES = 7
+# Weight-sized fp32 matrices [N, K] alive then: the layer's weight in fp32, its clone and the permuted working copy.
+GPTQ_WEIGHT_COPIES = 3
+RATE_SECONDS = 0.2  # how long the matmul rate is measured, per dtype and device
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 2**20
+
+
+@dataclass
+class QuantPlan:
+    description: str
+    device: str
+    device_memory: MemoryEstimate  # compute-device tensors at their widest phase (on CPU: the host's tensors)
+    host_memory: MemoryEstimate  # the process's RSS at its widest phase
+    disk: MemoryEstimate  # the output disk at its fullest
+    time: dict  # term -> seconds
+    rates: dict  # "bf16 matmul" -> FLOP/s measured here
+    phases: dict = field(default_factory=dict)  # "host: export" -> bytes, for every phase
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.time.values())
+
+
+def free_disk_bytes(path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would hold it: its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def process_rss_bytes() -> int:
+    """This process's RSS now: the interpreter, torch and the libraries a run starts from."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def return_freed_tensors_to_os() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping, given back to the OS when freed, so that the
+    RSS follows the tensors alive, which is what the plan counts. By default glibc raises this threshold (up to
+    32 MiB) each time a large block is freed, then keeps freed tensors below it in its heap: measured at hidden
+    1024, the export's peak held 300 MiB of the block phase's freed Hessians on top of its own tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator is not ours to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rate(dtype: torch.dtype, device: str) -> float:
+    """FLOP/s of a linear layer's product (x @ W^T, as the forwards run it) in `dtype` on `device`, measured for
+    RATE_SECONDS once per process."""
+    n = 4096 if device == "cuda" else 1024
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    w = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    torch.nn.functional.linear(x, w)  # warm-up: thread pools, kernel selection
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < RATE_SECONDS:
+        torch.nn.functional.linear(x, w)
+        sync()
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int:
+    """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every
+    linear carries one, see quantize.export_linear); and the two fp16 norms."""
+    total = 2 * config.hidden_size * 2
+    for _, K, N, _ in block_linears(config):
+        groups = -(-K // (K if group_size == -1 else group_size))
+        total += K * N * bits // 8 + groups * (N * bits // 32) * 4 + groups * N * 2 + K * 4 + N * 2
+    return total
+
+
+def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples: int, seqlen: int, device: str,
+                       dtype: torch.dtype, method: str = "gptq", tokenizer: bool = True,
+                       max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0) -> tuple:
+    """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum."""
+    from .quantize import CHUNK_TOKENS
+
+    h, ff, V, L = config.hidden_size, config.ffn_size, config.vocab_size, config.num_hidden_layers
+    act, ckpt = dtype.itemsize, config.dtype.itemsize
+    gptq = method == "gptq"
+    T = nsamples * seqlen if gptq else 0
+    rows = min(T, max(1, CHUNK_TOKENS // seqlen) * seqlen) if gptq else 0  # token rows of one forward chunk
+    linears = block_linears(config)
+    block_params = sum(K * N + (N if bias else 0) for _, K, N, bias in linears) + 2 * h
+    largest_linear = max(K * N for _, K, N, _ in linears)
+    cuda = device == "cuda"
+    notes = {}
+
+    def term(name, nbytes, note):
+        notes[name] = note
+        return name, nbytes
+
+    activations = term("calibration activations", 2 * T * h * act,
+                       f"hidden and mixed: 2 x [{nsamples}, {seqlen}, {h}] {_name(dtype)}")
+    weights = term("one block's weights", block_params * act, f"{block_params / 1e6:.1f}M parameters in {_name(dtype)}")
+    # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
+    # larger of the two.
+    if gptq:
+        K, N = max(((K, N) for _, K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
+                   * kn[0] * kn[1])
+        solver = term("GPTQ working copies", 4 * (GPTQ_SQUARES * K * K + GPTQ_WEIGHT_COPIES * K * N),
+                      f"at the [{K} -> {N}] layer: {GPTQ_SQUARES} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
+                      f"factors) and {GPTQ_WEIGHT_COPIES} fp32 weight copies")
+        # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
+        # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
+        chunk = term("chunk temporaries", rows * (max(4 * act, act + 4) * ff + 4 * h) + 4 * ff * ff,
+                     f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator")
+        widest = max(solver, chunk, key=lambda t: t[1])
+        block_device = dict([activations, weights, widest])
+    else:
+        block_device = dict([weights, term("RTN working copies", 4 * 4 * largest_linear,
+                                           "the widest linear's weight in fp32, its codes and dequantized copies")])
+    embed_device = dict([term("embeddings in the compute dtype", T * h * act,
+                              f"[{nsamples}, {seqlen}, {h}] {_name(dtype)}")])
+    if cuda:
+        workspace = term("cuBLAS / cuSOLVER workspace", CUDA_WORKSPACE_BYTES, "from the caching allocator")
+        block_device.update([workspace])
+    device_phases = {"calibration embedding": embed_device if gptq else {}, "a block": block_device}
+
+    baseline = term("interpreter, torch, libraries", baseline_bytes, "this process's RSS before the run")
+    wte = term("embedding read", V * h * ckpt, f"wte [{V}, {h}] {_name(config.dtype)} read from the checkpoint")
+    host_base = dict([baseline])
+    if cuda:
+        host_base.update([term("CUDA runtime", CUDA_RUNTIME_HOST_BYTES, "driver and kernel images in RSS")])
+    tok = [term("tokenizer", TOKENIZER_BYTES, "the Qwen tokenizer and the tokenized text")] if gptq and tokenizer \
+        else []
+    embed_host = {**host_base, **dict(tok), **dict([wte, term("calibration tokens", T * 8, "int64 ids")]),
+                  **dict([term("embeddings", T * h * ckpt, f"[{nsamples}, {seqlen}, {h}] {_name(config.dtype)}")
+                          ] if gptq else [])}
+    if not cuda and gptq and act != ckpt:  # the compute-dtype copy sits beside the checkpoint-dtype lookup
+        embed_host.update(dict(embed_device))
+    block_host = dict(host_base)
+    if cuda:
+        block_host.update([term("tensor being moved to the GPU", largest_linear * ckpt, "the largest linear, read")])
+    else:
+        block_host.update(block_device)
+    fp16_copy = term("fp16 copy", 0 if config.dtype == torch.float16 else V * h * 2,
+                     "the embedding / lm_head converted for the output")
+    export_host = {**host_base, **dict([term("embedding / lm_head read", V * h * ckpt, f"[{V}, {h}] "
+                                             f"{_name(config.dtype)}, one at a time"), fp16_copy])}
+    host_phases = {"calibration embedding": embed_host if gptq else host_base, "a block": block_host,
+                   "export": export_host}
+
+    blocks = L * quantized_block_bytes(config, bits, group_size)
+    output = blocks + 2 * V * h * 2 + h * 2
+    disk = dict([term("finished blocks", blocks, f"{L} blocks in OUTPUT.partial/blocks until the end"),
+                 term("output checkpoint", output, "fp16 embedding and lm_head, packed blocks"),
+                 term("shard being written", min(output, max_shard_bytes),
+                      "a shard's temporary file beside its final copy")])
+    return device_phases, host_phases, disk, notes
+
+
+def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq") -> dict:
+    """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
+    h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
+    linears = block_linears(config)
+    rtn_loss = sum(2 * N * K * K for _, K, N, _ in linears)  # (W - Q) @ H for the loss of each method
+    if method != "gptq":
+        return {"calibration forwards": 0, "Hessians": 0, "GPTQ": 0, "loss": 0}
+    T = nsamples * seqlen
+    # Every linear once in its stage, w1 / w2 / c_proj again for the block's output; causal attention.
+    forwards = 2 * T * (4 * h * h + 5 * h * ff) + 2 * T * seqlen * h
+    # The upper triangle of x^T x in HESSIAN_BANDS row bands: (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
+    hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
+    # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
+    solve = sum(4 * K**3 // 3 + N * K * K for _, K, N, _ in linears)
+    return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
+
+
+def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, nsamples: int = 128,
+                      seqlen: int = 2048, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+                      method: str = "gptq", tokenizer: bool = True, max_shard_bytes: int = 4 * 10**9,
+                      baseline_bytes: Optional[int] = None) -> QuantPlan:
+    """The plan of quantize() for `config` with these settings. dtype: the compute dtype (default: quantize()'s
+    choice). baseline_bytes: the RSS the run starts from (default: this process's now)."""
+    device = torch.device(device).type
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" and config.dtype == torch.float16 else config.dtype
+    baseline = process_rss_bytes() if baseline_bytes is None else baseline_bytes
+    device_phases, host_phases, disk, notes = quantization_terms(config, bits, group_size, nsamples, seqlen, device,
+                                                                 dtype, method, tokenizer, max_shard_bytes, baseline)
+
+    def widest(phases, what):
+        name = max(phases, key=lambda p: sum(phases[p].values()))
+        terms = phases[name]
+        return MemoryEstimate(f"{what}, widest during {name}", terms, {t: notes[t] for t in terms})
+
+    settings = (f"{method.upper()} {bits}-bit g{group_size}, {nsamples} x {seqlen} calibration tokens, "
+                f"{_name(dtype)} on {device}")
+    flops = run_flops(config, nsamples, seqlen, method)
+    rates = {}
+    if device != "cuda" or torch.cuda.is_available():
+        compute, fp32 = matmul_rate(dtype, device), matmul_rate(torch.float32, device)
+        rates = {f"{_name(dtype)} matmul": compute, "float32 matmul": fp32}
+        seconds = {"calibration forwards": flops["calibration forwards"] / compute,
+                   "Hessians": flops["Hessians"] / fp32, "GPTQ": flops["GPTQ"] / fp32,
+                   "output-error report": flops["loss"] / fp32}
+    else:
+        seconds = {}
+    phases = {f"{side}: {p}": sum(t.values()) for side, ph in (("device", device_phases), ("host", host_phases))
+              for p, t in ph.items()}
+    return QuantPlan(settings, device, widest(device_phases, f"peak {device} memory"),
+                     widest(host_phases, "peak host memory (RSS)"),
+                     MemoryEstimate("output disk at its fullest", disk, {t: notes[t] for t in disk}),
+                     seconds, rates, phases)
+
+
+def format_plan(plan: QuantPlan, title: str = "") -> str:
+    lines = [f"{title}: {plan.description}" if title else plan.description, ""]
+    if plan.device == "cuda":
+        lines += [format_memory_report(plan.device_memory, heading="Peak device memory"), ""]
+    lines += [format_memory_report(plan.host_memory, heading="Peak host memory"), ""]
+    lines += [format_memory_report(plan.disk, heading="Disk"), ""]
+    if not plan.time:
+        lines.append(f"Time: not estimated (no {plan.device} device here to measure its rate)")
+    else:
+        rates = ", ".join(f"{name} {rate / 1e12:.3g} TFLOP/s" for name, rate in plan.rates.items())
+        lines.append(f"Time (the arithmetic at this machine's measured rates: {rates}; a floor):")
+        width = max(map(len, plan.time)) + 2
+        lines += [f"  {name:<{width}}{seconds:>10.1f} s" for name, seconds in plan.time.items()]
+        lines.append(f"  {'total':<{width}}{plan.seconds:>10.1f} s ({plan.seconds / 3600:.2f} h)")
+    return "\n".join(lines)
+
+
+def plan_totals(plan: QuantPlan) -> str:
+    """One line: what quantize() logs before its first block."""
+    gib = 2**30
+    device = f"{plan.device_memory.total / gib:.2f} GiB on the GPU, " if plan.device == "cuda" else ""
+    return (f"plan: {plan.description}: {device}{plan.host_memory.total / gib:.2f} GiB peak RSS, "
+            f"{plan.disk.total / 1e9:.2f} GB of disk, about {plan.seconds:.0f} s of arithmetic")
+
+
+def check_plan(plan: QuantPlan, output: Path, device: torch.device, reusable_bytes: int = 0) -> None:
+    """Stop a run that cannot fit, naming what to change. reusable_bytes: finished blocks already on the disk."""
+    need = plan.disk.total - reusable_bytes
+    free = free_disk_bytes(output)
+    if need > free:
+        raise ValueError(f"not enough disk for {output}: the run needs {need / 1e9:.2f} GB (finished blocks, the "
+                         f"output checkpoint and a shard being written) and {free / 1e9:.2f} GB are free; free some "
+                         f"space or choose another --output")
+    if device.type == "cuda":
+        free_gpu, _ = torch.cuda.mem_get_info(device)
+        if plan.device_memory.total > free_gpu:
+            activations = plan.device_memory.terms.get("calibration activations", 0)
+            raise ValueError(f"the run needs about {plan.device_memory.total / 2**30:.2f} GiB on {device} and "
+                             f"{free_gpu / 2**30:.2f} GiB are free: lower --nsamples or --seqlen (the calibration "
+                             f"activations take {activations / 2**30:.2f} GiB), or use --device cpu")
+
+
+def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, group_size: int = 128,
+                nsamples: int = 128, seqlen: int = 2048, device: str = "cpu", method: str = "gptq") -> str:
+    """The `qwen-quantize plan` report for a published name (no download), a folder with config.json, or a config."""
+    if isinstance(name_or_folder, QwenConfig):
+        config, title = name_or_folder, "config"
+    elif (published := find_published(str(name_or_folder))) is not None:
+        config, title = published.size.config(), published.name
+        if published.precision != "bf16":
+            raise ValueError(f"{published.name} is already quantized: plan its full-precision model "
+                             f"(Qwen-{published.size.name}-Chat)")
+    else:
+        folder = Path(name_or_folder).expanduser()
+        config, title = QwenConfig.from_file(folder), str(folder)
+    return format_plan(plan_quantization(config, bits, group_size, nsamples, seqlen, device, method=method), title)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

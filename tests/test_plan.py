@@ -1,0 +1,109 @@
+"""`qwen-quantize plan` and the pre-flight check of quantize(): terms, a measured peak, refused runs."""
+import importlib
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_quant.cli import main
+from qwen_quant.plan import check_plan, plan_quantization
+from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+
+GIB = 2**30
+# The modules (the package exports a function named quantize).
+plan_module = importlib.import_module("qwen_quant.plan")
+quantize_module = importlib.import_module("qwen_quant.quantize")
+
+
+def test_plan_of_a_published_name_prints_its_terms_without_download(monkeypatch, capsys):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("plan must not download anything")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    assert main(["plan", "Qwen-72B-Chat", "--bits", "4", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Qwen-72B-Chat: GPTQ 4-bit g128, 128 x 2048 calibration tokens, bfloat16 on cuda")
+    for heading in ("Peak device memory", "Peak host memory", "Disk"):
+        assert heading in out
+    # Two [128, 2048, 8192] bf16 activation buffers: 8 GiB exactly.
+    assert re.search(r"calibration activations +8\.000 GiB", out)
+    for term in ("GPTQ working copies", "one block's weights", "embedding read", "output checkpoint",
+                 "finished blocks"):
+        assert term in out
+    assert "Time" in out
+
+
+def test_plan_refuses_a_published_quantized_name():
+    assert main(["plan", "Qwen-7B-Chat-Int4"]) == 2
+
+
+# A checkpoint whose run takes seconds on a quiet machine yet where every phase is sizeable: a 64k-row embedding
+# (the export), an MLP of 2816 (GPTQ's [2816, 2816] Hessians) and 8192 calibration tokens of width 1024.
+MEASURED_CONFIG = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=2 * 2816, vocab_size=65536,
+                       num_hidden_layers=1, seq_length=2048, max_position_embeddings=4096, torch_dtype="bfloat16")
+MEASURED_RUN = dict(bits=4, group_size=128, nsamples=32, seqlen=256)
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    from qwen_quant.config import QwenConfig
+    from qwen_quant.plan import plan_quantization
+    from qwen_quant.quantize import quantize
+
+    model, out, ids, run = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    plan = plan_quantization(QwenConfig.from_file(model), device="cpu", tokenizer=False, **run)
+    quantize(model, out, calibration=ids, device="cpu", progress=False, **run)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"planned": plan.host_memory.total, "measured": peak, "phases": plan.phases}))
+""")
+
+
+def test_planned_peak_rss_is_within_15_percent_of_a_measured_run(tmp_path):
+    model = save_random_checkpoint(tmp_path / "model", tiny_config(**MEASURED_CONFIG), torch.bfloat16)
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, MEASURED_CONFIG["vocab_size"], size=2**17))
+    # A fresh process: its high-water mark belongs to this run alone.
+    child = subprocess.run([sys.executable, "-c", CHILD, str(model), str(tmp_path / "out"), str(ids),
+                            json.dumps(MEASURED_RUN)], capture_output=True, text=True, check=True)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert abs(result["planned"] / result["measured"] - 1) <= 0.15, result
+
+
+def test_too_small_a_disk_stops_the_run_before_any_block(tmp_path, monkeypatch):
+    model = save_random_checkpoint(tmp_path / "model", tiny_config())
+    started = []
+    monkeypatch.setattr(quantize_module, "embed_calibration", lambda *a, **k: started.append("calibration"))
+    monkeypatch.setattr(quantize_module, "fill_module", lambda *a, **k: started.append("block"))
+    monkeypatch.setattr(plan_module, "free_disk_bytes", lambda path: 1000)
+    with pytest.raises(ValueError, match=r"not enough disk for .*out.*free some space or choose another --output"):
+        quantize_module.quantize(model, tmp_path / "out", group_size=32, calibration="unused.npy", nsamples=4,
+                                 seqlen=16, device="cpu", progress=False)
+    assert started == []
+    assert not list((tmp_path / "out.partial" / "blocks").iterdir())
+
+
+def test_a_run_larger_than_the_free_gpu_memory_names_what_to_change(tmp_path, monkeypatch):
+    plan = plan_quantization(tiny_config(hidden_size=1024, num_attention_heads=8), nsamples=128, seqlen=2048,
+                             device="cuda", dtype=torch.bfloat16, tokenizer=False, baseline_bytes=0)
+    assert plan.device_memory.terms["calibration activations"] == 2 * 128 * 2048 * 1024 * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (GIB, 80 * GIB))
+    with pytest.raises(ValueError, match=r"needs about 1\.\d+ GiB on cuda.*1\.00 GiB are free: lower --nsamples or "
+                                         r"--seqlen .* or use --device cpu"):
+        check_plan(plan, tmp_path / "out", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * GIB, 80 * GIB))
+    check_plan(plan, tmp_path / "out", torch.device("cuda"))
+
+
+def test_resumed_blocks_count_as_disk_already_held(tmp_path, monkeypatch):
+    plan = plan_quantization(tiny_config(), nsamples=4, seqlen=16, tokenizer=False, baseline_bytes=0)
+    monkeypatch.setattr(plan_module, "free_disk_bytes", lambda path: plan.disk.total - 100)
+    with pytest.raises(ValueError, match="not enough disk"):
+        check_plan(plan, tmp_path / "out", torch.device("cpu"))
+    check_plan(plan, tmp_path / "out", torch.device("cpu"), reusable_bytes=100)
