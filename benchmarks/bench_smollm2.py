@@ -95,7 +95,8 @@ def quality_failures(fp: float, rows: list) -> list:
         if r["bits"] in (3, 4) and not r["gptq"] < r["rtn"]:
             failures.append(f"{name}: GPTQ {r['gptq']:.4f} does not beat RTN {r['rtn']:.4f}")
         if "gptq_no_mse" in r and not r["gptq"] <= r["gptq_no_mse"]:
-            failures.append(f"{name}: GPTQ's default grid {r['gptq']:.4f} is worse than --no-mse {r['gptq_no_mse']:.4f}")
+            failures.append(f"{name}: GPTQ's default grid {r['gptq']:.4f} is worse than --no-mse "
+                            f"{r['gptq_no_mse']:.4f}")
         if r["bits"] == 8 and not r["gptq"] <= fp * (1 + MAX_INT8_INCREASE):
             failures.append(f"{name}: perplexity {r['gptq']:.4f} is more than {MAX_INT8_INCREASE:.1%} above {fp:.4f}")
     return failures
@@ -130,8 +131,8 @@ def precisions(model: Path, rows: list) -> list:
     return found
 
 
-COLUMNS = [("bits", "bits", "d"), ("group_size", "group", "d"), ("desc_act", "act-order", ""), ("rtn", "RTN ppl", ".4f"),
-           ("gptq", "GPTQ ppl", ".4f"), ("gptq_no_mse", "GPTQ --no-mse", ".4f"), ("share", "GPTQ/RTN loss", ".3f"),
+COLUMNS = [("bits", "bits", "d"), ("group_size", "group", "d"), ("desc_act", "act-order", ""),
+           ("rtn", "RTN ppl", ".4f"), ("gptq", "GPTQ ppl", ".4f"), ("gptq_no_mse", "GPTQ --no-mse", ".4f"), ("share", "GPTQ/RTN loss", ".3f"),
            ("layer_error_ratio", "layer err GPTQ/RTN", ".3f"), ("seconds_per_block", "s/block", ".1f"),
            ("peak_rss_gib", "peak RSS GiB", ".2f")]
 

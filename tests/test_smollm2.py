@@ -70,7 +70,7 @@ def test_load_tokenizer_picks_the_folders_tokenizer(smollm2_dir, tiktoken_file, 
     assert tokenizer.stop_ids == (2, 0) and tokenizer.vocab_size == 49152
 
 
-@pytest.mark.parametrize("text", ["北京是中国的首都，上海是最大的城市。", "emoji 😀🎉👍🏽 and ZWJ 👩‍💻",
+@pytest.mark.parametrize("text", ["北京是中国的首都，上海是最大的城市。", "emoji 😀🎉👍🏽 and ZWJ 👩‍💻",  # noqa: E501
                                   "def f(x):\n\treturn {'a': x ** 2}  # code\n", "  spaces\r\n\n\nand 123456 digits"])
 def test_tokenizer_json_round_trip(tokenizer, text):
     ids = tokenizer.encode(text)
