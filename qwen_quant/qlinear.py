@@ -508,8 +508,9 @@ class CpuInt4QuantLinear(QuantLinear):
         if block:
             y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), self._weight_tile(block))
         else:
+            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
-                                                           self.kernel_group, self.scales_and_zeros.view(torch.bfloat16))
+                                                           self.kernel_group, scales_and_zeros)
         return self._add_bias(y.to(x2.dtype))
 
     def _weight_tile(self, block: int):
