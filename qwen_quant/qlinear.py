@@ -461,7 +461,8 @@ def _prefill_block() -> Optional[int]:
     has no bf16 matmul: there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the int4pack kernel on long
     prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls it is unmeasured, so the kernels stay; an
     unknown int4pack layout also leaves the kernels."""
-    return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else _int4pack_block()
+    bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return None if bf16_matmul else _int4pack_block()
 
 
 def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
