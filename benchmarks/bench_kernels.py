@@ -7,7 +7,7 @@ CUDA (when present): the Triton kernels against fp16 / bf16 matmul at M = 1, 16,
 (bytes of packed weights + scales + zeros + activations read, per second) and its percent of the device's copy
 bandwidth measured here.
 
-    python benchmarks/bench_kernels.py [--quick] [--json results.json] [--threads N]
+    python benchmarks/bench_kernels.py [--quick] [--m M ...] [--shapes KxN ...] [--json PATH] [--threads N]
 """
 import argparse
 import os
@@ -60,13 +60,13 @@ def time_ms_interleaved(fns: dict, rounds: int) -> dict:
     return {impl: (statistics.median(t) * 1e3, min(t) * 1e3, len(t)) for impl, t in times.items()}
 
 
-def bench_cpu(ms: tuple, rounds: int) -> list:
+def bench_cpu(ms: tuple, rounds: int, shapes: list) -> list:
     rows = []
     print(f"\nCPU: cpu backend (bf16 activations, g{GROUP_SIZE} sym) vs dense bf16 F.linear, median ms, speed-up, "
           f"and min ms")
     print(f"{'K x N':>13} {'M':>4} {'bf16':>9} {'int4':>9} {'int8':>9} {'int4 x':>7} {'int8 x':>7}   "
           f"{'min bf16':>9} {'int4':>9} {'int8':>9} {'rounds':>6}")
-    for K, N in QWEN_7B_SHAPES:
+    for K, N in shapes:
         dense = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
         int4 = symmetric_layer(K, N, 4, "cpu", "cpu", torch.bfloat16)
         int8 = symmetric_layer(K, N, 8, "cpu", "cpu", torch.bfloat16)
@@ -130,13 +130,16 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--m", type=int, nargs="+", help=f"CPU batch rows to time (default {CPU_M}; --quick "
                         f"{CPU_M_QUICK})")
+    parser.add_argument("--shapes", nargs="+", metavar="KxN", help="CPU shapes to time (default: all of "
+                        f"{' '.join(f'{K}x{N}' for K, N in QWEN_7B_SHAPES)})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(machine_line(info))
-    rows = bench_cpu(args.m or (CPU_M_QUICK if args.quick else CPU_M), rounds=10 if args.quick else 50)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes] if args.shapes else QWEN_7B_SHAPES
+    rows = bench_cpu(args.m or (CPU_M_QUICK if args.quick else CPU_M), rounds=10 if args.quick else 50, shapes=shapes)
     if torch.cuda.is_available():
         rows += bench_cuda(args.quick)
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)

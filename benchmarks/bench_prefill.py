@@ -37,12 +37,12 @@ def first_token_seconds(model: QwenForCausalLM, prompt: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default 4; --quick: 2)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default 4; --quick: 1)")
     parser.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="prompt lengths in tokens")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick: 2)")
     args = parser.parse_args()
     size = SIZES[SHAPE]
-    layers = args.layers or (2 if args.quick else 4)
+    layers = args.layers or (1 if args.quick else 4)
     rounds = args.rounds or (2 if args.quick else 5)
     info = machine()
     print(machine_line(info))

@@ -37,11 +37,14 @@ TRITON_BITS = (4, 8)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage or crashes unless K is a multiple of 16 (measured)
 # Rows of x from which the cpu backends run the fp32 prefill path rather than their kernels (where it applies, see
-# _prefill_block). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul; 4096 x 4096 g128, 1 thread,
-# load average 22, best of 3 interleaved): Int4 kernel vs fp32 tiles 141 vs 251 ms at M = 32, 505 vs 503 at 128,
-# 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at M = 32, 747 vs 348 at 128, 3942 vs 1215 at 512. The
-# thresholds sit at twice the ties: with 2 threads on a busy machine every parallel region of a tile costs extra.
-CPU_PREFILL_MIN_M = {4: 256, 8: 64}
+# _prefill_block). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul), 4096 x 4096 g128, kernel vs
+# tiles in turns, best of 2-3. One thread (a prototype of the tiles; per-core work; load average 22): Int4 141 vs 251
+# ms at M = 32, 505 vs 503 at 128, 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at 32, 747 vs 348 at 128,
+# 3942 vs 1215 at 512. Two threads on a machine at load average 28-30, where each parallel region of a tile waits for
+# a core: Int4 975 vs 9009 ms at M = 64, 3324 vs 7236 at 256, 13064 vs 14188 at 1024; Int8 2227 vs 9428, 6083 vs
+# 10376, 27842 vs 7701. The thresholds are where the tiles do not lose even then; a quiet machine would gain from
+# lower ones.
+CPU_PREFILL_MIN_M = {4: 1024, 8: 512}
 CPU_PREFILL_TILE = 512  # output columns dequantized at a time: 8 MiB of fp32 at K = 4096, freed after its product
 
 
@@ -474,7 +477,8 @@ def _prefill_block() -> Optional[int]:
     has no bf16 matmul: there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the int4pack kernel on long
     prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls it is unmeasured, so the kernels stay; an
     unknown int4pack layout also leaves the kernels."""
-    return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else _int4pack_block()
+    bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return None if bf16_matmul else _int4pack_block()
 
 
 def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
@@ -519,15 +523,21 @@ class CpuInt4QuantLinear(QuantLinear):
         _check_cpu(self, x2)
         block = _prefill_block() if x2.shape[0] >= CPU_PREFILL_MIN_M[4] else None
         if block:
-            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
-            scales = scales_and_zeros[..., 0]
-            offsets = scales_and_zeros[..., 1] - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
-            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), lambda n0, n1: _scale_codes(
-                _int4pack_codes_tile(self.weight_int4pack, self.in_features, n0, n1, block), scales, offsets, n0, n1))
+            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), self._weight_tile(block))
         else:
+            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
-                                                           self.kernel_group, self.scales_and_zeros.view(torch.bfloat16))
+                                                           self.kernel_group, scales_and_zeros)
         return self._add_bias(y.to(x2.dtype))
+
+    def _weight_tile(self, block: int):
+        """weight_tile(n0, n1) for _tiled_fp32_matmul: the kernel's (q - 8) * scale + zero, fp32 [K, n1 - n0]."""
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
+        scales = scales_and_zeros[..., 0]
+        offsets = scales_and_zeros[..., 1] - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
+        K = self.in_features
+        return lambda n0, n1: _scale_codes(_int4pack_codes_tile(self.weight_int4pack, K, n0, n1, block), scales,
+                                           offsets, n0, n1)
 
     def _sorted_weight_kn(self):
         scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
