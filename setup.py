@@ -8,7 +8,7 @@ setup(
     description="Post-training GPTQ quantization and fast inference for the Qwen (v1) language models",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # The top-level kernels/ and calibration/ folders import as qwen_quant.kernels / qwen_quant.calibration.
     packages=["qwen_quant", "qwen_quant.kernels", "qwen_quant.calibration"],
     package_dir={"qwen_quant": "qwen_quant", "qwen_quant.kernels": "kernels", "qwen_quant.calibration": "calibration"},

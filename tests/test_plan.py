@@ -1,12 +1,7 @@
 """`qwen-quantize plan` and the pre-flight check of quantize(): terms, a measured peak, refused runs."""
 import importlib
-import json
 import re
-import subprocess
-import sys
-import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,38 +37,6 @@ def test_plan_of_a_published_name_prints_its_terms_without_download(monkeypatch,
 
 def test_plan_refuses_a_published_quantized_name():
     assert main(["plan", "Qwen-7B-Chat-Int4"]) == 2
-
-
-# A checkpoint whose run takes seconds on a quiet machine yet where every phase is sizeable: a 64k-row embedding
-# (the export), an MLP of 2816 (GPTQ's [2816, 2816] Hessians) and 8192 calibration tokens of width 1024.
-MEASURED_CONFIG = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=2 * 2816, vocab_size=65536,
-                       num_hidden_layers=1, seq_length=2048, max_position_embeddings=4096, torch_dtype="bfloat16")
-MEASURED_RUN = dict(bits=4, group_size=128, nsamples=32, seqlen=256)
-
-CHILD = textwrap.dedent("""
-    import json, sys
-    from qwen_quant.config import QwenConfig
-    from qwen_quant.plan import plan_quantization
-    from qwen_quant.quantize import quantize
-
-    model, out, ids, run = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    plan = plan_quantization(QwenConfig.from_file(model), device="cpu", tokenizer=False, **run)
-    quantize(model, out, calibration=ids, device="cpu", progress=False, **run)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"planned": plan.host_memory.total, "measured": peak, "phases": plan.phases}))
-""")
-
-
-def test_planned_peak_rss_is_within_15_percent_of_a_measured_run(tmp_path):
-    model = save_random_checkpoint(tmp_path / "model", tiny_config(**MEASURED_CONFIG), torch.bfloat16)
-    ids = tmp_path / "ids.npy"
-    np.save(ids, np.random.default_rng(0).integers(0, MEASURED_CONFIG["vocab_size"], size=2**17))
-    # A fresh process: its high-water mark belongs to this run alone.
-    child = subprocess.run([sys.executable, "-c", CHILD, str(model), str(tmp_path / "out"), str(ids),
-                            json.dumps(MEASURED_RUN)], capture_output=True, text=True, check=True)
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    assert abs(result["planned"] / result["measured"] - 1) <= 0.15, result
 
 
 def test_too_small_a_disk_stops_the_run_before_any_block(tmp_path, monkeypatch):
