@@ -63,6 +63,24 @@ def read_mergeable_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+
+def tokenizer_file(path: Union[str, Path], name: str) -> Path:
+    """The tokenizer file `name` in the folder `path`, or `path` itself when it is a file."""
+    path = Path(path)
+    file = path / name if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {file} (pass a folder holding {name} or the file itself)")
+    return file
+
+
+def copy_into(file: Path, folder: Union[str, Path]) -> Path:
+    """Copy a tokenizer file into `folder` (created if needed), as an exported checkpoint needs; returns the copy."""
+    target = Path(folder) / file.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not (target.exists() and target.samefile(file)):
+        shutil.copyfile(file, target)
+    return target
+
 class QwenTokenizer:
     """Qwen's tiktoken BPE with its 208 special tokens; `encoding` is the underlying tiktoken.Encoding."""
 
@@ -78,20 +96,11 @@ class QwenTokenizer:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path]) -> "QwenTokenizer":
         """`path` is a folder holding `qwen.tiktoken` (a checkpoint folder) or the file itself."""
-        path = Path(path)
-        file = path / TIKTOKEN_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"Qwen tokenizer file not found: {file} (pass a folder holding {TIKTOKEN_FILE} "
-                                    "or the file itself)")
-        return cls(file)
+        return cls(tokenizer_file(path, TIKTOKEN_FILE))
 
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Copy `qwen.tiktoken` into `folder` (created if needed), as an exported checkpoint needs; returns the copy."""
-        target = Path(folder) / TIKTOKEN_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not (target.exists() and target.samefile(self.tiktoken_file)):
-            shutil.copyfile(self.tiktoken_file, target)
-        return target
+        return copy_into(self.tiktoken_file, folder)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """By default special-token text such as "<|im_end|>" is encoded as plain text, never as a special id (so user
@@ -168,21 +177,13 @@ class JsonTokenizer:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path]) -> "JsonTokenizer":
         """`path` is a folder holding `tokenizer.json` (and generation_config.json) or the file itself."""
-        path = Path(path)
-        file = path / TOKENIZER_JSON if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {file} (pass a folder holding {TOKENIZER_JSON} "
-                                    "or the file itself)")
+        file = tokenizer_file(path, TOKENIZER_JSON)
         generation_config = file.with_name(GENERATION_CONFIG)
         return cls(file, generation_config if generation_config.is_file() else None)
 
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Copy `tokenizer.json` into `folder` (created if needed); returns the copy."""
-        target = Path(folder) / TOKENIZER_JSON
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not (target.exists() and target.samefile(self.tokenizer_file)):
-            shutil.copyfile(self.tokenizer_file, target)
-        return target
+        return copy_into(self.tokenizer_file, folder)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """As QwenTokenizer.encode: special-token text is plain text unless its name is in `allowed_special` ("all",
