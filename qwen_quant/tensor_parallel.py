@@ -88,6 +88,6 @@ def tp_summary(source, output, quant, tp: Optional[int]) -> str:
         return line + f"; quantize with --tp {top} to make it {top} (MLP width {ffn} -> " \
                       f"{padded_ffn(ffn, quant.group_size, top)})"
     line += f"; {top} is impossible: {attention_split_problem(hidden, heads, quant.bits, quant.group_size, top)}"
-    if max(reachable) > largest:
+    if reachable and max(reachable) > largest:
         line += f"; quantize with --tp {max(reachable)} to make it {max(reachable)}"
     return line
