@@ -27,8 +27,7 @@ setup(
         "tokenizers",  # models whose tokenizer is a tokenizer.json (SmolLM2, Qwen1.5 and later)
     ],
     extras_require={
-        # gguf builds the SmolLM2-135M test model; tokenizers reads its tokenizer.json; modelscope's cache layout is
-        # tested.
+        # gguf builds the SmolLM2-135M test model; modelscope's cache layout is tested.
         "dev": ["pytest>=7", "matplotlib", "gguf", "modelscope"],
         "modelscope": ["modelscope"],
     },

@@ -1,4 +1,4 @@
-"""The benchmark suite at CI sizes (about 15 minutes on 2 cores): quality, memory, kernels, decoding, prefill,
+"""The benchmark suite at CI sizes (about 25 minutes on 2 cores): quality, memory, kernels, decoding, prefill,
 quantization, and the real 30-block SmolLM2-135M (bench_smollm2.py --quick).
 
 Writes benchmarks/results.json, rewrites the table between the run_all markers of benchmarks/RESULTS.md, draws

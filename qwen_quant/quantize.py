@@ -351,7 +351,9 @@ def run_block(block: Block, hidden: torch.Tensor, rope) -> None:
     """The output of an already quantized block, by the same stages and roundings as quantize_block."""
     scratch = torch.empty_like(hidden)
     parts = chunks(hidden.shape[0], hidden.shape[1])
-    for stage in range(len(Block.GROUPS)):
+    # Only stages 1 and 2 write the scratch (attention output, then the residual stream); the others only return a
+    # layer's inputs, which a resumed block does not need.
+    for stage in (1, 2):
         for s in parts:
             run_stage(block, stage, hidden, scratch, s, rope)
     finish_block(block, hidden, scratch, parts, rope)

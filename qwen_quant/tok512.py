@@ -19,12 +19,12 @@ def decode_tok512(path, ids: Iterable[int]) -> str:
     """Token ids (after BOS) -> text, as llama2.c's run.c prints them: byte-fallback pieces <0xXX> become that byte,
     and the leading space of the first piece is dropped."""
     pieces = read_pieces(path)
-    out = b""
+    out = []
     for i, t in enumerate(ids):
         piece = pieces[t]
         if i == 0 and piece.startswith(b" "):
             piece = piece[1:]
         if piece.startswith(b"<0x") and piece.endswith(b">") and len(piece) == 6:
             piece = bytes([int(piece[3:5], 16)])
-        out += piece
-    return out.decode("utf-8", errors="replace")
+        out.append(piece)
+    return b"".join(out).decode("utf-8", errors="replace")

@@ -206,8 +206,8 @@ class JsonTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Special tokens are decoded to their text, as QwenTokenizer does; an id outside the vocabulary raises."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        ids, size = [int(i) for i in ids], self.vocab_size  # vocab_size asks the backend: once, not per id
+        bad = [i for i in ids if not 0 <= i < size]
         if bad:
             raise ValueError(f"cannot decode ids {bad[:10]}: {self.tokenizer_file.name} has ids "
                              f"0..{self.vocab_size - 1}")
