@@ -31,7 +31,7 @@ def run_demo(output=None, print_fn=print) -> dict:
                           nsamples=32, seqlen=128, progress=False)
         print_fn(summary_table(report, worst=3))
         eval_ids = torch.from_numpy(np.load(DEMO_MODEL / "eval_ids.npy").astype(np.int64))
-        results = {"output": out}
+        results = {"output": out if output else None}  # a temporary folder is gone once this returns
         for label, folder in (("full precision", DEMO_MODEL), ("Int4 GPTQ", out)):
             model = QwenForCausalLM.from_pretrained(folder)
             ppl = perplexity(model, eval_ids, seqlen=EVAL_SEQLEN, batch_size=16, progress=False)

@@ -102,7 +102,7 @@ class WorkFolder:
     """OUTPUT.partial: settings.json, blocks/block_NNNNN.safetensors and the export, locked for one run at a time."""
 
     def __init__(self, path: Path, resume: bool):
-        self.path = path
+        self.path, self.resume = path, resume
         path.mkdir(parents=True, exist_ok=True)  # the run's first write: a read-only location fails here, at once
         self._lock = open(path / LOCK_NAME, "a")
         try:
@@ -117,10 +117,10 @@ class WorkFolder:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         (path / "blocks").mkdir(exist_ok=True)
 
-    def start(self, settings: dict, resume: bool) -> None:
+    def start(self, settings: dict) -> None:
         """Record the run's settings; a resumed run must have the same ones (inputs are compared by content)."""
         file = self.path / SETTINGS_NAME
-        if resume and file.is_file():
+        if self.resume and file.is_file():
             try:
                 saved = json.loads(file.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):

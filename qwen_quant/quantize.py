@@ -161,7 +161,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp, "config": config.to_dict(),
                 "weights_sha256": reader.fingerprint()}
-    work.start(settings, resume)
+    work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
         prefix = f"transformer.h.{i}."
