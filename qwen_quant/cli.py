@@ -76,6 +76,10 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="inputs per quantization group; -1 = per channel")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
     p.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
+    p.add_argument("--group-act-order", action="store_true",
+                   help="act-order of whole groups: no run-time cost (the checkpoint's g_idx stays in order)")
+    p.add_argument("--asym-calibration", type=finite_float(0, 1), default=0.0, metavar="ALPHA",
+                   help="match the full-precision model's outputs (GPTAQ) with this strength in [0, 1]; 0: off")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
     p.add_argument("--damp", type=finite_float(0, 1), default=0.01,
                    help="damping as a fraction of the mean Hessian diagonal, in [0, 1]")
@@ -158,7 +162,8 @@ def run_quantize(args) -> None:
                       sym=args.sym, damp_percent=args.damp, static_groups=args.static_groups, calibration=args.dataset,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                       method=args.method, resume=args.resume, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp)
+                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp,
+                      asym_calibration=args.asym_calibration, group_act_order=args.group_act_order)
     print(summary_table(report))
 
 

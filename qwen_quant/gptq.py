@@ -30,21 +30,33 @@ HESSIAN_BANDS = 4  # row bands of the upper-triangle accumulation: more bands sk
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum(x x^T) over the n token rows fed to a linear layer with `in_features` inputs."""
+    """Running H = 2/n * sum(x x^T) over the n token rows fed to a linear layer with `in_features` inputs.
 
-    def __init__(self, in_features: int, name: str = "", device=None):
+    With `asymmetric`, also the running C = 2/n * sum((x_fp - x) x^T), where x_fp is what the full-precision model
+    feeds the layer for the same token (see gptq_quantize's `asym_cross`).
+    """
+
+    def __init__(self, in_features: int, name: str = "", device=None, asymmetric: bool = False):
         self.name = name
         self.nsamples = 0
         self._hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.cross = torch.zeros_like(self._hessian) if asymmetric else None
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add activations x [..., K] of any dtype: every row is one token."""
+    def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add activations x [..., K] of any dtype: every row is one token; x_fp: the full-precision model's, with
+        `asymmetric` (the same shape)."""
         if x.shape[-1] != self._hessian.shape[0]:
             raise ValueError(f"{self.name}: activations have {x.shape[-1]} features, expected {self._hessian.shape[0]}")
+        if (x_fp is None) != (self.cross is None) or (x_fp is not None and x_fp.shape != x.shape):
+            raise ValueError(f"{self.name}: full-precision activations must come with every batch of an asymmetric "
+                             "accumulator, in the shape of the quantized model's, and only then")
         x = x.reshape(-1, x.shape[-1]).to(device=self._hessian.device, dtype=torch.float32)
         total = self.nsamples + x.shape[0]
         if total == 0:  # an empty first batch: nothing to average yet
             return
+        if self.cross is not None:
+            shift = x_fp.reshape(x.shape).to(x) - x
+            self.cross.addmm_(shift.t(), x, beta=self.nsamples / total, alpha=2 / total)
         # A running mean (rescale the old sum, add the new rows) keeps the fp32 entries at the scale of one x x^T.
         # H is symmetric: only its upper triangle is accumulated, in bands of rows, for about half the arithmetic.
         k = x.shape[1]
@@ -185,17 +197,34 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bo
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                  block_size: int = 128, mse: bool = True, name: str = "") -> QuantResult:
+                  block_size: int = 128, mse: bool = True, asym_cross: torch.Tensor | None = None,
+                  group_act_order: bool = False, name: str = "") -> QuantResult:
     """Quantize weight [N, K] with GPTQ, given the Hessian H [K, K] of its calibration inputs.
 
     group_size: input columns per (scale, zero), -1 for one per output row. desc_act: act-order, the columns with
     the largest diag(H) first. static_groups: take every group's grid from the original weights up front (with
     desc_act this keeps g_idx = k // group_size). damp_percent: damping added to diag(H), as a fraction of its mean.
     block_size: columns per lazy batch update. mse: search a clipped grid (see MSE_SHRINKS). name: for messages.
+
+    group_act_order: act-order that keeps every group's columns together (GPTQModel's group-aware reordering): the
+    groups in descending order of their largest diag(H), the columns of each group likewise, each group's grid taken
+    when its first column comes up. g_idx stays k // group_size, so the checkpoint runs as fast as one without
+    act-order, and unlike static groups the grid sees the updates of the groups quantized before it.
+
+    asym_cross: asymmetric calibration (GPTAQ, Li et al. 2025), a multiple alpha of C = 2/n sum((x_fp - x) x^T)
+    (HessianAccumulator's `cross`). Quantizing only for the layer's own inputs x lets the errors of the layers before
+    it pile up; the weight whose outputs on x best match the full-precision model's outputs W x_fp is
+    W + W C H^-1 (least squares), and GPTQ on it under H minimizes ||Q x - W x_fp||^2 in closed form. alpha < 1
+    moves only part of the way, which damps the estimate's noise.
     """
     _check_inputs(weight, bits, group_size, name)
     n, k = weight.shape
     _check_hessian(hessian, k, name)
+    if asym_cross is not None and asym_cross.shape != (k, k):
+        raise ValueError(f"{name}: asym_cross shape {tuple(asym_cross.shape)} does not match in_features K={k}")
+    if group_act_order and (desc_act or static_groups or group_size == -1):
+        raise ValueError(f"{name}: group_act_order is an act-order of whole groups: it takes neither desc_act nor "
+                         "static_groups, and needs a group size")
     # A NaN fails both comparisons: the damping loop below only ends for a finite start.
     if not 0 <= damp_percent <= MAX_DAMP_PERCENT or block_size <= 0:
         raise ValueError(f"{name}: damp_percent must be in [0, {MAX_DAMP_PERCENT:g}] and block_size > 0, "
@@ -210,25 +239,33 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     H[dead, dead] = 1
     target[:, dead] = 0
 
-    # Per channel, or static groups: every group's grid comes from the original weights, before any update.
+    # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
+    positions = torch.arange(k, device=target.device)
+    permuted = desc_act or group_act_order
+    perm = (_group_order(H.diagonal(), group) if group_act_order
+            else torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else positions)
+    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
+    W, H = (target[:, perm], H[perm][:, perm]) if permuted else (target, H)
+    # Row i of this upper Cholesky factor of H^-1 says how column i's error moves the columns after it.
+    Hinv, damp = _inverse_hessian_cholesky(H, damp_percent, name)
+    if asym_cross is not None:  # C's columns of dead inputs are 0: the shift leaves those columns at 0
+        C = asym_cross.to(device=W.device, dtype=torch.float32)
+        C = C[perm][:, perm] if permuted else C
+        W += (W @ C @ Hinv.t()) @ Hinv  # W C H_damped^-1, with H_damped^-1 = Hinv^T Hinv
+        if permuted:
+            target[:, perm] = W  # the fixed grid below reads the shifted weights in their original order
+
+    # Per channel, or static groups: every group's grid comes from the weights to quantize, before any update.
     fixed_grid = static_groups or group_size == -1
     if fixed_grid:
         scales, zeros = _group_params(target, group, bits, sym, mse)
     else:
         scales = torch.empty(num_groups(k, group), n, device=target.device)
         zeros = torch.empty(num_groups(k, group), n, device=target.device)
-
-    # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
-    positions = torch.arange(k, device=target.device)
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else positions
-    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
-    W, H = (target[:, perm], H[perm][:, perm]) if desc_act else (target, H)
-    # The group of the column at each position: its own fixed group, or the run of `group` positions it falls in.
-    position_group = (perm if fixed_grid else positions) // group
+    # The group of the column at each position: its own group when groups are fixed or kept whole, else the run of
+    # `group` positions it falls in.
+    position_group = (perm if fixed_grid or group_act_order else positions) // group
     group_at = position_group.tolist()
-
-    # Row i of this upper Cholesky factor of H^-1 says how column i's error moves the columns after it.
-    Hinv, damp = _inverse_hessian_cholesky(H, damp_percent, name)
     # A group's grid is taken when its first column comes up, from weights that must carry every earlier column's
     # update: with blocks of whole groups those are the current block's own, already updated weights.
     if not fixed_grid:
@@ -243,7 +280,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         for i in range(i2 - i1):
             column = i1 + i
             if not fixed_grid and column % group == 0:
-                scales[column // group], zeros[column // group] = grid_params(W1[:, i:i + group], bits, sym, mse)
+                scales[group_at[column]], zeros[group_at[column]] = grid_params(W1[:, i:i + group], bits, sym, mse)
             scale, zero = scales[group_at[column]], zeros[group_at[column]]
             q = _quantize(W1[:, i], scale, zero, maxq)
             codes[:, column] = q
@@ -255,7 +292,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
     g_idx = torch.empty(k, dtype=torch.int32, device=W.device)
     g_idx[perm] = position_group.to(torch.int32)
-    if desc_act:
+    if permuted:
         original_order = torch.empty_like(codes)
         original_order[:, perm] = codes
         codes = original_order
@@ -264,9 +301,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     # sum of squared errors is tr((W - Q) H_damped (W - Q)^T). Taking the damping's part off leaves the output error
     # under H itself, without the N x K x K product that computing it directly costs.
     original = weight.to(torch.float32).masked_fill(dead, 0)
+    if asym_cross is not None:  # the shifted weights were the target: measure against the layer's own weights
+        result.loss = _output_error(original - result.dequantize(), hessian.to(original))
+        return result
     damping_part = damp * H.diagonal().mean() * (original - result.dequantize()).square().sum(dtype=torch.float64)
     result.loss = float(damped_output_error - damping_part) / (2 * n)
     return result
+
+
+def _group_order(importance: torch.Tensor, group: int) -> torch.Tensor:
+    """Positions -> columns for group_act_order: whole groups, the most important (largest diag(H)) first, each
+    group's columns by importance; a shorter last group stays last, so every group starts at a multiple of `group`."""
+    k = importance.shape[0]
+    whole = k - k % group
+    by_group = importance[:whole].reshape(-1, group)
+    within = torch.argsort(by_group, dim=1, descending=True, stable=True)
+    order = torch.argsort(by_group.max(dim=1).values, descending=True, stable=True)
+    perm = (within + torch.arange(0, whole, group, device=importance.device)[:, None])[order].reshape(-1)
+    tail = torch.argsort(importance[whole:], descending=True, stable=True) + whole
+    return torch.cat([perm, tail])
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:

@@ -117,12 +117,17 @@ def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int
 
 def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples: int, seqlen: int, device: str,
                        dtype: torch.dtype, method: str = "gptq", tokenizer: bool = True,
-                       max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0) -> tuple:
-    """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum."""
-    from .quantize import CHUNK_TOKENS
+                       max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0, asym: bool = False) -> tuple:
+    """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum.
+    asym: asymmetric calibration, which carries the full-precision model's activations and block beside the
+    quantized ones."""
+    from .quantize import CHUNK_TOKENS, block_compute_dtype
 
     h, ff, V, L = config.hidden_size, config.ffn_size, config.vocab_size, config.num_hidden_layers
     act, ckpt = dtype.itemsize, config.dtype.itemsize
+    # A block's weights and arithmetic may be wider than the activations it reads (fp32 on CPUs without bf16).
+    compute_dtype = block_compute_dtype(torch.device(device), dtype)
+    compute = compute_dtype.itemsize
     gptq = method == "gptq"
     T = nsamples * seqlen if gptq else 0
     rows = min(T, max(1, CHUNK_TOKENS // seqlen) * seqlen) if gptq else 0  # token rows of one forward chunk
@@ -136,9 +141,12 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         notes[name] = note
         return name, nbytes
 
-    activations = term("calibration activations", 2 * T * h * act,
-                       f"hidden and mixed: 2 x [{nsamples}, {seqlen}, {h}] {_name(dtype)}")
-    weights = term("one block's weights", block_params * act, f"{block_params / 1e6:.1f}M parameters in {_name(dtype)}")
+    streams = 2 if asym and gptq else 1
+    activations = term("calibration activations", 2 * streams * T * h * act,
+                       f"hidden and mixed: {2 * streams} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
+                       + (" (full-precision ones too)" if streams == 2 else ""))
+    weights = term("one block's weights", streams * block_params * compute,
+                   f"{streams} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")
     # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
     # larger of the two.
     if gptq:
@@ -149,8 +157,9 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
                       f"factors) and {GPTQ_WEIGHT_COPIES} fp32 weight copies")
         # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
         # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
-        chunk = term("chunk temporaries", rows * (max(4 * act, act + 4) * ff + 4 * h) + 4 * ff * ff,
-                     f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator")
+        chunk = term("chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
+                     f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
+                     + (" (and the cross term's)" if streams == 2 else ""))
         widest = max(solver, chunk, key=lambda t: t[1])
         block_device = dict([activations, weights, widest])
     else:
@@ -196,7 +205,7 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     return device_phases, host_phases, disk, notes
 
 
-def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq") -> dict:
+def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq", asym: bool = False) -> dict:
     """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
     h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
     linears = block_linears(config)
@@ -210,13 +219,17 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
     hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
     solve = sum(4 * K**3 // 3 + N * K * K for _, K, N, _ in linears)
+    if asym:  # the full-precision block's forwards, the full [K, K] cross terms, the shift W C H^-1 and the loss
+        forwards *= 2
+        hessians += 2 * T * (3 * h * h + ff * ff)
+        solve += sum(4 * N * K * K for _, K, N, _ in linears)
     return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
 
 
 def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, nsamples: int = 128,
                       seqlen: int = 2048, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                       method: str = "gptq", tokenizer: bool = True, max_shard_bytes: int = 4 * 10**9,
-                      baseline_bytes: Optional[int] = None) -> QuantPlan:
+                      baseline_bytes: Optional[int] = None, asym_calibration: float = 0.0) -> QuantPlan:
     """The plan of quantize() for `config` with these settings. dtype: the compute dtype (default: quantize()'s
     choice). baseline_bytes: the RSS the run starts from (default: this process's now)."""
     device = torch.device(device).type
@@ -224,7 +237,8 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
         dtype = torch.float32 if device == "cpu" and config.dtype == torch.float16 else config.dtype
     baseline = process_rss_bytes() if baseline_bytes is None else baseline_bytes
     device_phases, host_phases, disk, notes = quantization_terms(config, bits, group_size, nsamples, seqlen, device,
-                                                                 dtype, method, tokenizer, max_shard_bytes, baseline)
+                                                                 dtype, method, tokenizer, max_shard_bytes, baseline,
+                                                                 asym=bool(asym_calibration))
 
     def widest(phases, what):
         name = max(phases, key=lambda p: sum(phases[p].values()))
@@ -233,7 +247,7 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
 
     settings = (f"{method.upper()} {bits}-bit g{group_size}, {nsamples} x {seqlen} calibration tokens, "
                 f"{_name(dtype)} on {device}")
-    flops = run_flops(config, nsamples, seqlen, method)
+    flops = run_flops(config, nsamples, seqlen, method, asym=bool(asym_calibration))
     rates = {}
     if device != "cuda" or torch.cuda.is_available():
         compute, fp32 = matmul_rate(dtype, device), matmul_rate(torch.float32, device)

@@ -6,6 +6,7 @@ collected from the outputs of the already-quantized groups before it, then the q
 block's inputs. Finished blocks are saved in a work folder beside the output, so a killed run resumes at the next
 block; the output folder appears, by one rename, only when the checkpoint is complete.
 """
+import copy
 import hashlib
 import json
 import logging
@@ -82,6 +83,7 @@ class QuantizeReport:
     output_bytes: int = 0
     resumed_blocks: int = 0
     calibration: str = ""
+    options: dict = field(default_factory=dict)  # the quantizer's options beyond the published format's settings
     notes: list = field(default_factory=list)  # what the folder can and cannot be used for (TP degree, auto_map)
 
 
@@ -110,10 +112,15 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
-             on_block: Optional[Callable[[BlockReport], None]] = None) -> QuantizeReport:
+             on_block: Optional[Callable[[BlockReport], None]] = None,
+             asym_calibration: float = 0.0, group_act_order: bool = False) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
+    asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
+    full-precision model's activations are carried beside the quantized model's (twice the activation memory).
+    group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
+    run-time cost.
     on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
     and, during the call only, the quantizer's results.
     """
@@ -128,6 +135,11 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size)
         out_config.intermediate_size = 2 * padded_ffn(config.ffn_size, group_size, tp)
     check_settings(out_config, bits, group_size, method)
+    if not 0 <= asym_calibration <= 1:  # NaN fails too
+        raise ValueError(f"asym_calibration must be in [0, 1], got {asym_calibration}")
+    if group_act_order and (desc_act or static_groups or group_size == -1):
+        raise ValueError("group_act_order orders whole groups: it takes neither desc_act nor static_groups, and "
+                         "needs a group size (not -1)")
     # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
     quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
                         static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
@@ -143,11 +155,14 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
     compute_dtype = block_compute_dtype(device, dtype)
     plan = plan_quantization(config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
-                             tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes)
+                             tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes,
+                             asym_calibration=asym_calibration)
     check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work.path / "blocks").iterdir()))
     log.info(plan_totals(plan))
     return_freed_tensors_to_os()
-    report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration))
+    report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
+                            options={"mse": mse, "group_act_order": group_act_order,
+                                     "asym_calibration": asym_calibration})
 
     hidden = rope = tokens_digest = None
     if method == "gptq":
@@ -157,9 +172,12 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         report.calibration_s = time.perf_counter() - calibration_start
         rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
                          if config.use_dynamic_ntk else 1.0)
+    # The full-precision model's activations, for asymmetric calibration.
+    fp_hidden = hidden.clone() if hidden is not None and asym_calibration else None
     # Resume is keyed by content: the calibration tokens and the source weights' layout, not their paths.
     settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
-                "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp, "config": config.to_dict(),
+                "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
+                "asym_calibration": asym_calibration, "group_act_order": group_act_order, "config": config.to_dict(),
                 "weights_sha256": reader.fingerprint()}
     work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
@@ -178,6 +196,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             timings.layers = [LayerReport(**r) for r in saved[1]]
             timings.resumed = True
             report.resumed_blocks += 1
+            if fp_hidden is not None:  # its full-precision output first, while the block holds its own weights
+                run_block(block, fp_hidden, rope)
             for path in QUANTIZED_LINEARS:
                 set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
             if hidden is not None:
@@ -185,7 +205,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                 run_block(block, hidden, rope)
                 timings.forward_s = clock(device) - step_start
         else:
-            tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings)
+            tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
+                                     asym_calibration, group_act_order)
             step_start = clock(device)
             work.save_block(i, tensors, [asdict(r) for r in timings.layers])
             timings.write_s = clock(device) - step_start
@@ -200,7 +221,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             on_block(timings)
         timings.results = {}
     bar.close()
-    hidden = None  # the calibration activations are done with: free them before the export reads the big tensors
+    # The calibration activations are done with: free them before the export reads the big tensors.
+    hidden = fp_hidden = None
 
     out = work.path / "checkpoint"
     if out.exists():
@@ -285,12 +307,15 @@ def clock(device: torch.device) -> float:
 
 @torch.inference_mode()
 def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar,
-                   timings: BlockReport) -> dict:
+                   timings: BlockReport, fp_hidden=None, asym_calibration: float = 0.0,
+                   group_act_order: bool = False) -> dict:
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
     Block.GROUPS are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
     before it already quantized; two activation buffers (`hidden` and a scratch of its size) carry the stages.
+    With `fp_hidden` (the full-precision model's input to this block, which becomes its output), a copy of the block
+    keeping its own weights runs the same stages beside it, for asymmetric calibration.
     """
     tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
     device = block.ln_1.weight.device
@@ -304,8 +329,10 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             linear = block.get_submodule(path)
             w = linear.weight.float()
             if method == "gptq":
+                cross = asym_calibration * hessian.cross if hessian.cross is not None else None
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
-                                       quant.static_groups, quant.damp_percent, mse=mse, name=name)
+                                       quant.static_groups, quant.damp_percent, mse=mse, asym_cross=cross,
+                                       group_act_order=group_act_order, name=name)
                 # The baseline every paper reports: plain round-to-nearest on the min/max grid.
                 rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss
             else:
@@ -324,19 +351,25 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
 
     scratch = torch.empty_like(hidden)
     parts = chunks(hidden.shape[0], hidden.shape[1])
+    fp_block = copy.deepcopy(block) if fp_hidden is not None else None
+    fp_scratch = torch.empty_like(fp_hidden) if fp_hidden is not None else None
     for stage, group in enumerate(Block.GROUPS):
-        hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device)
+        hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device,
+                                     asymmetric=fp_block is not None)
         for s in parts:
             start = clock(device)
             inputs = run_stage(block, stage, hidden, scratch, s, rope)
+            fp_inputs = run_stage(fp_block, stage, fp_hidden, fp_scratch, s, rope) if fp_block is not None else None
             middle = clock(device)
-            hessian.add_batch(inputs)
+            hessian.add_batch(inputs, fp_inputs)
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
     start = clock(device)
     finish_block(block, hidden, scratch, parts, rope)
+    if fp_block is not None:
+        finish_block(fp_block, fp_hidden, fp_scratch, parts, rope)
     timings.forward_s += clock(device) - start
     return tensors
 
@@ -423,8 +456,13 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
         mean_ratio = sum(r.loss / r.rtn_loss for r in rows if r.rtn_loss) / max(1, sum(1 for r in rows if r.rtn_loss))
         lines.append(f"mean GPTQ/RTN output-error ratio over {len(rows)} layers: {mean_ratio:.3f}")
     gib = 2**30
-    lines.append(f"method {report.method}, {report.quant.bits}-bit, group {report.quant.group_size}, "
-                 f"{'sym' if report.quant.sym else 'asym'}{', desc_act' if report.quant.desc_act else ''}")
+    q, options = report.quant, report.options
+    settings = [f"method {report.method}", f"{q.bits}-bit", f"group {q.group_size}", "sym" if q.sym else "asym"]
+    settings += ["desc_act"] * q.desc_act + ["clipped grid"] * bool(options.get("mse"))
+    settings += ["group act-order"] * bool(options.get("group_act_order"))
+    if options.get("asym_calibration"):
+        settings.append(f"asymmetric calibration {options['asym_calibration']:g}")
+    lines.append(", ".join(settings))
     lines.append(f"total time {report.seconds:.1f} s ({report.resumed_blocks} blocks resumed); peak RSS "
                  f"{report.peak_rss_bytes / gib:.2f} GiB" + (f", peak CUDA {report.peak_cuda_bytes / gib:.2f} GiB"
                                                               if report.peak_cuda_bytes else ""))
@@ -449,6 +487,9 @@ GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layo
 | act-order (desc_act) | {q.desc_act} |
 | static groups | {q.static_groups} |
 | damp percent | {q.damp_percent} |
+| group act-order | {settings['group_act_order']} |
+| asymmetric calibration (alpha) | {settings['asym_calibration']} |
+| clipped grid (mse) | {settings['mse']} |
 | true sequential | {q.true_sequential} |
 | calibration | {report.calibration} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
 | time | {report.seconds:.1f} s |

@@ -299,3 +299,81 @@ def test_packing_round_trips_gptq_output(bits):
     assert torch.equal(packing.unpack_qweight(qweight, bits), result.codes.t())
     assert torch.equal(packing.unpack_qzeros(qzeros, bits, "gptq"), result.zeros)
     assert torch.equal(packing.dequantize(qweight, qzeros, result.scales, result.g_idx, bits), result.dequantize())
+
+
+def group_aware_order(importance: torch.Tensor, group: int) -> list:
+    """Whole groups by their largest diag(H), each group's columns likewise, a shorter last group last."""
+    k = importance.shape[0]
+    starts = [s for s in range(0, k, group) if s + group <= k]
+    starts.sort(key=lambda s: -float(importance[s:s + group].max()))
+    order = []
+    for s in starts + ([k - k % group] if k % group else []):
+        columns = list(range(s, min(s + group, k)))
+        order += sorted(columns, key=lambda c: -float(importance[c]))
+    return order
+
+
+@pytest.mark.parametrize("k", [K, 200])
+def test_group_act_order_is_plain_gptq_on_whole_groups_in_importance_order(k):
+    weight, hessian = correlated_layer(12, k=k)
+    hessian = hessian * torch.linspace(0.2, 3, k).sqrt()[:, None] * torch.linspace(0.2, 3, k).sqrt()  # uneven inputs
+    result = gptq_quantize(weight, hessian, 4, 64, group_act_order=True, block_size=32, mse=False)
+    check_invariants(result, 4, 64, True, N, k)
+    # The checkpoint looks like one without act-order: groups in place, so no run-time permutation.
+    assert torch.equal(result.g_idx, torch.arange(k, dtype=torch.int32) // 64)
+    assert result.loss == pytest.approx(output_error(weight, result, hessian), rel=1e-4)
+    assert result.loss < 0.8 * rtn_quantize(weight, 4, 64, mse=False, hessian=hessian).loss
+
+    order = torch.tensor(group_aware_order(hessian.diagonal(), 64))
+    plain = gptq_quantize(weight[:, order], hessian[order][:, order], 4, 64, block_size=32, mse=False)
+    assert torch.equal(result.codes[:, order], plain.codes)
+    assert torch.equal(result.scales[order[::64] // 64], plain.scales)
+
+
+def test_group_act_order_refuses_column_act_order_and_per_channel():
+    weight, hessian = correlated_layer(13)
+    for kwargs in (dict(desc_act=True), dict(static_groups=True), dict(group_size=-1)):
+        with pytest.raises(ValueError, match="lin: group_act_order"):
+            gptq_quantize(weight, hessian, 4, **{"group_size": 64, **kwargs}, group_act_order=True, name="lin")
+
+
+def drifted_inputs(seed: int, k: int = K, tokens: int = 2048):
+    """Full-precision inputs x_fp of a layer and the quantized model's inputs x: x_fp plus an error correlated with
+    it (what earlier quantized layers leave)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_fp = torch.randn(tokens, k, generator=gen) @ torch.randn(k, k, generator=gen)
+    return x_fp, x_fp + 0.3 * x_fp @ torch.randn(k, k, generator=gen) / k**0.5
+
+
+def test_hessian_accumulator_cross_term_is_the_running_mean_of_2_dx_xt():
+    x_fp, x = drifted_inputs(14, k=32, tokens=300)
+    acc = HessianAccumulator(32, asymmetric=True)
+    for rows in (slice(0, 100), slice(100, 300)):
+        acc.add_batch(x[rows], x_fp[rows])
+    assert torch.allclose(acc.cross, 2 / 300 * (x_fp - x).t() @ x, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(acc.hessian, 2 / 300 * x.t() @ x, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="full-precision activations"):
+        acc.add_batch(x[:10])
+    with pytest.raises(ValueError, match="full-precision activations"):
+        HessianAccumulator(32).add_batch(x[:10], x_fp[:10])
+
+
+@pytest.mark.parametrize("group_act_order", [False, True])
+def test_asymmetric_calibration_brings_the_outputs_closer_to_full_precision(group_act_order):
+    x_fp, x = drifted_inputs(15)
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(16))
+    acc = HessianAccumulator(K, asymmetric=True)
+    acc.add_batch(x, x_fp)
+
+    def error_to_full_precision(result) -> float:  # what the full-precision model's next layer would have seen
+        return float((x @ result.dequantize().t() - x_fp @ weight.t()).square().mean())
+
+    kwargs = dict(bits=4, group_size=32, mse=False, group_act_order=group_act_order)
+    plain = gptq_quantize(weight, acc.hessian, **kwargs)
+    assert torch.equal(gptq_quantize(weight, acc.hessian, asym_cross=0 * acc.cross, **kwargs).codes, plain.codes)
+    errors = [error_to_full_precision(gptq_quantize(weight, acc.hessian, asym_cross=a * acc.cross, **kwargs))
+              for a in (0.5, 1.0)]
+    assert errors[1] < errors[0] < 0.8 * error_to_full_precision(plain)
+    # The reported loss stays the output error of the layer's own weight on its own inputs.
+    result = gptq_quantize(weight, acc.hessian, asym_cross=acc.cross, **kwargs)
+    assert result.loss == pytest.approx(output_error(weight, result, acc.hessian), rel=1e-4)

@@ -119,11 +119,14 @@ def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path):
                 assert not torch.equal(g_idx, torch.arange(k, dtype=torch.int32) // 32)
 
 
-def test_resume_after_a_kill_gives_identical_bytes(tmp_path):
+# Asymmetric calibration carries the full-precision activations across blocks: a resumed run must carry them too.
+@pytest.mark.parametrize("options", [{}, dict(asym_calibration=0.5, group_act_order=True)])
+def test_resume_after_a_kill_gives_identical_bytes(tmp_path, options):
     model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
     calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
     np.save(tmp_path / "calib.npy", calib)
-    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=8, seqlen=32, progress=False)
+    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=8, seqlen=32, progress=False,
+                  **options)
     quantize(model, tmp_path / "straight", **kwargs)
 
     def killed_after_second_block(block):

@@ -316,6 +316,8 @@ def test_memory_terms_are_never_negative():
     (["m", "--nsamples", "0"], "argument --nsamples: 0 must be at least 1"),
     (["m", "--seed", "-1"], "argument --seed: -1 must be at least 0"),
     (["m", "--max-shard-size", "nan"], "argument --max-shard-size: nan must be a finite number above 0"),
+    (["m", "--asym-calibration", "1.5"], "argument --asym-calibration: 1.5 must be a finite number at least 0 and "
+                                         "at most 1"),
 ])
 def test_cli_refuses_out_of_range_arguments_naming_the_option(argv, message, capsys):
     code, err, _ = run_cli(argv, capsys)
@@ -349,3 +351,10 @@ def test_cli_turns_every_failure_into_one_line_and_exit_code_2(error, message, c
     monkeypatch.setenv(cli.DEBUG_VARIABLE, "1")
     with pytest.raises(type(error)):
         cli.main(["memory", "Qwen-7B"])
+
+
+def test_group_act_order_with_column_act_order_is_refused_before_any_work(dense_checkpoint, tmp_path, capsys):
+    code, err, _ = run_cli([str(dense_checkpoint), "--group-act-order", "--desc-act", "--output",
+                            str(tmp_path / "out")], capsys)
+    assert code == 2 and "group_act_order orders whole groups" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

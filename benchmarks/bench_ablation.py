@@ -1,0 +1,100 @@
+"""Quality ablation of the quantizer's options on both real models: the share of RTN's perplexity increase each
+option (and each combination kept) leaves, and its quantization time.
+
+    python benchmarks/bench_ablation.py --model stories|smollm2 [--settings 4:32,3:32] [--options default,...]
+        [--nsamples N] [--json PATH]
+
+stories: stories260k_qwen, calibration 128 x 128 tokens of calib_ids.npy, eval_ids.npy in 256-token windows.
+smollm2: SmolLM2-135M-Instruct in the Qwen layout, calibration --nsamples (128) x 512 tokens of
+calib_wikitext2_valid_ids.npy (seed 0), perplexity on the first 12 windows of 2048 of eval_wikitext2_test_ids.npy.
+Settings are bits:group (symmetric); RTN is the plain min/max grid with the same groups; share = (option - fp) /
+(RTN - fp). Quantized weights are dequantized into the fp32 model.
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import add_common_args, machine, machine_line, shared_data_dir, smollm2_dir, table, write_json
+from qwen_quant import QwenForCausalLM
+from qwen_quant.checkpoint import load_dequantized
+from qwen_quant.evaluate import perplexity
+from qwen_quant.quantize import quantize
+
+# Each option is a set of quantize() arguments on top of GPTQ's defaults.
+OPTIONS = {
+    "textbook": dict(mse=False),
+    "default": dict(),
+    "act-order": dict(desc_act=True, static_groups=True),
+    "asym0.25": dict(asym_calibration=0.25),
+    "asym0.5": dict(asym_calibration=0.5),
+    "asym1": dict(asym_calibration=1.0),
+    "act-order+asym0.25": dict(desc_act=True, static_groups=True, asym_calibration=0.25),
+    "act-order+asym0.5": dict(desc_act=True, static_groups=True, asym_calibration=0.5),
+    "damp0.1": dict(damp_percent=0.1),
+    "damp0.05": dict(damp_percent=0.05),
+    "group-act": dict(group_act_order=True),
+    "group-act+asym0.25": dict(group_act_order=True, asym_calibration=0.25),
+    "group-act+asym0.5": dict(group_act_order=True, asym_calibration=0.5),
+}
+MODELS = {
+    # name: (calibration file, calibration seqlen, default nsamples, eval file, eval seqlen, default settings)
+    "stories": ("stories260k_qwen/calib_ids.npy", 128, 128, "stories260k_qwen/eval_ids.npy", 256, "4:32,3:32"),
+    "smollm2": ("smollm2_135m/calib_wikitext2_valid_ids.npy", 512, 128,
+                "smollm2_135m/eval_wikitext2_test_ids.npy", 2048, "4:128,4:64,3:128"),
+}
+EVAL_WINDOWS = 12  # smollm2: the first 12 windows of 2048
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--model", choices=sorted(MODELS), default="stories")
+    parser.add_argument("--settings", default=None, help="bits:group,... (default: the model's ablation settings)")
+    parser.add_argument("--options", default="textbook,default,act-order,asym0.25", help=",".join(OPTIONS))
+    parser.add_argument("--nsamples", type=int, default=None)
+    args = parser.parse_args()
+    print(machine_line(machine()), flush=True)
+    data = shared_data_dir()
+    calib, calib_len, nsamples, eval_file, eval_len, settings = MODELS[args.model]
+    model = smollm2_dir(data) if args.model == "smollm2" else data / "stories260k_qwen"
+    ids = torch.from_numpy(np.load(data / eval_file).astype(np.int64))
+    if args.model == "smollm2":
+        ids = ids[:EVAL_WINDOWS * eval_len]
+
+    def ppl(m) -> float:
+        return perplexity(m, ids, seqlen=eval_len, batch_size=64 if eval_len <= 256 else 1, progress=False).perplexity
+
+    fp = ppl(QwenForCausalLM.from_pretrained(model))
+    print(f"{args.model}: full precision {fp:.4f}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in (args.settings or settings).split(","):
+            bits, group = (int(v) for v in setting.split(":"))
+            quantize(model, Path(tmp) / "rtn", bits=bits, group_size=group, method="rtn", mse=False, progress=False,
+                     overwrite=True)
+            rtn = ppl(load_dequantized(Path(tmp) / "rtn"))
+            print(f"  {bits}-bit g{group} RTN {rtn:.4f}", flush=True)
+            for option in args.options.split(","):
+                start = time.perf_counter()
+                quantize(model, Path(tmp) / "q", bits=bits, group_size=group, calibration=str(data / calib),
+                         nsamples=args.nsamples or nsamples, seqlen=calib_len, seed=0, progress=False,
+                         overwrite=True, **OPTIONS[option])
+                seconds = time.perf_counter() - start
+                value = ppl(load_dequantized(Path(tmp) / "q"))
+                rows.append(dict(bits=bits, group=group, option=option, rtn=rtn, ppl=value,
+                                 share=(value - fp) / (rtn - fp), seconds=seconds))
+                print(f"  {bits}-bit g{group} {option}: {value:.4f} share {rows[-1]['share']:.3f} "
+                      f"({seconds:.0f} s)", flush=True)
+    print(table(rows, [("bits", "bits", "d"), ("group", "group", "d"), ("option", "option", ""),
+                       ("rtn", "RTN ppl", ".4f"), ("ppl", "ppl", ".4f"), ("share", "share of RTN", ".3f"),
+                       ("seconds", "quantize s", ".1f")]))
+    print(machine_line(machine()))
+    write_json(args.json, {"model": args.model, "fp": fp, "nsamples": args.nsamples or nsamples, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
