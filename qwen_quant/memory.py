@@ -1,7 +1,7 @@
 """Peak memory of Qwen's published protocol (batch 1, a 1-token context, generating N tokens), term by term.
 
 `estimate_memory` needs only a config and the quantization settings: every term is the bytes of the exact tensors
-that `checkpoint.load_model` and `qlinear.QuantLinear` keep, the KV cache that `QwenForCausalLM.setup_cache`
+that `model.load_model` and `qlinear.QuantLinear` keep, the KV cache that `QwenForCausalLM.setup_cache`
 preallocates, and the temporaries of one generation step. `measure_peak_bytes` runs the protocol on a loaded model
 (GPU: torch.cuda.max_memory_allocated; CPU: the exact bytes of its tensors and KV cache, `measure_loaded_bytes`).
 
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .config import QwenConfig, is_int
+from .layout import BLOCKS, linear_shapes
+from .loading import default_dtype
 from .published import SIZES, find_published
 
 GIB = 2**30
@@ -84,13 +86,6 @@ def _block_bytes(shape, dtype: torch.dtype, device: str) -> int:
     return nbytes
 
 
-def block_linears(config: QwenConfig) -> list:
-    """(name, in_features K, out_features N, dense bias) of the five linears of one block."""
-    h, ff, biased = config.hidden_size, config.ffn_size, not config.no_bias
-    return [("attn.c_attn", h, 3 * h, True), ("attn.c_proj", h, h, biased), ("mlp.w1", h, ff, biased),
-            ("mlp.w2", h, ff, biased), ("mlp.c_proj", ff, h, biased)]
-
-
 def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: str = "auto") -> str:
     """The backend QuantLinear.from_packed picks (or accepts) for this layer, asked of qlinear itself."""
     from .qlinear import SortedGptqWeight, choose_backend, unsupported_reason
@@ -139,13 +134,6 @@ def peak_transients(config: QwenConfig, batch: int, prompt_tokens: int, max_len:
     }
 
 
-def default_dtype(config: QwenConfig, bits: Optional[int], device: str) -> torch.dtype:
-    """The activation dtype checkpoint.load_model chooses when none is given."""
-    if bits is None:
-        return config.dtype
-    return torch.float16 if device == "cuda" else torch.bfloat16
-
-
 def precision_label(bits: Optional[int], group_size: int, sym: bool, desc_act: bool, dtype: torch.dtype) -> str:
     if bits is None:
         return f"dense {_dtype_name(dtype)}"
@@ -167,11 +155,11 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     if not is_int(group_size) or group_size < 1 and group_size != -1:
         raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}")
     device = torch.device(device).type
-    dtype = dtype or default_dtype(config, bits, device)
+    dtype = dtype or default_dtype(config, bits is not None, device)
     h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     terms = dict.fromkeys(TENSOR_TERMS + (ACTIVATIONS, WORKSPACE, OVERHEAD), 0)
     not_kept = {}
-    for _, K, N, bias in block_linears(config):
+    for K, N, bias in linear_shapes(config).values():
         if bits is None:
             tensors = dense_linear_tensors(K, N, bias, dtype)
         else:
@@ -230,7 +218,7 @@ def _term_of(module_name: str, module: nn.Module, tensor_name: str, model: nn.Mo
         return EMBEDDING
     if module is model.lm_head:
         return LM_HEAD
-    if isinstance(module, nn.Linear) and module_name.startswith("transformer.h."):
+    if isinstance(module, nn.Linear) and module_name.startswith(BLOCKS + "."):
         return LINEAR_WEIGHTS if tensor_name == "weight" else LINEAR_EXTRAS
     return "other"
 

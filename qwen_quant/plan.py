@@ -20,9 +20,11 @@ from typing import Optional, Union
 import torch
 
 from .config import QwenConfig
-from .memory import MemoryEstimate, block_linears, format_memory_report
+from .layout import linear_shapes
+from .memory import MemoryEstimate, format_memory_report
 from .published import find_published
 
+CHUNK_TOKENS = 2048  # token rows per forward step of a quantization run: bounds the temporary memory of a stage
 # Measured on this project's machines: the Qwen tokenizer (tiktoken's 151643 ranks as Python bytes plus its Rust
 # core's copy) and tokenizing a WikiText-sized text add about 64 MiB of RSS.
 TOKENIZER_BYTES = 64 * 2**20
@@ -109,7 +111,7 @@ def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int
     """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every
     linear carries one, see quantize.export_linear); and the two fp16 norms."""
     total = 2 * config.hidden_size * 2
-    for _, K, N, _ in block_linears(config):
+    for K, N, _ in linear_shapes(config).values():
         groups = -(-K // (K if group_size == -1 else group_size))
         total += K * N * bits // 8 + groups * (N * bits // 32) * 4 + groups * N * 2 + K * 4 + N * 2
     return total
@@ -119,16 +121,14 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
                        dtype: torch.dtype, method: str = "gptq", tokenizer: bool = True,
                        max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0) -> tuple:
     """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum."""
-    from .quantize import CHUNK_TOKENS
-
     h, ff, V, L = config.hidden_size, config.ffn_size, config.vocab_size, config.num_hidden_layers
     act, ckpt = dtype.itemsize, config.dtype.itemsize
     gptq = method == "gptq"
     T = nsamples * seqlen if gptq else 0
     rows = min(T, max(1, CHUNK_TOKENS // seqlen) * seqlen) if gptq else 0  # token rows of one forward chunk
-    linears = block_linears(config)
-    block_params = sum(K * N + (N if bias else 0) for _, K, N, bias in linears) + 2 * h
-    largest_linear = max(K * N for _, K, N, _ in linears)
+    linears = linear_shapes(config).values()
+    block_params = sum(K * N + (N if bias else 0) for K, N, bias in linears) + 2 * h
+    largest_linear = max(K * N for K, N, _ in linears)
     cuda = device == "cuda"
     notes = {}
 
@@ -142,7 +142,7 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
     # larger of the two.
     if gptq:
-        K, N = max(((K, N) for _, K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
+        K, N = max(((K, N) for K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
                    * kn[0] * kn[1])
         solver = term("GPTQ working copies", 4 * (GPTQ_SQUARES * K * K + GPTQ_WEIGHT_COPIES * K * N),
                       f"at the [{K} -> {N}] layer: {GPTQ_SQUARES} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
@@ -199,8 +199,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
 def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq") -> dict:
     """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
     h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
-    linears = block_linears(config)
-    rtn_loss = sum(2 * N * K * K for _, K, N, _ in linears)  # (W - Q) @ H for the loss of each method
+    linears = linear_shapes(config).values()
+    rtn_loss = sum(2 * N * K * K for K, N, _ in linears)  # (W - Q) @ H for the loss of each method
     if method != "gptq":
         return {"calibration forwards": 0, "Hessians": 0, "GPTQ": 0, "loss": 0}
     T = nsamples * seqlen
@@ -209,7 +209,7 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
     # The upper triangle of x^T x in HESSIAN_BANDS row bands: (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
     hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
-    solve = sum(4 * K**3 // 3 + N * K * K for _, K, N, _ in linears)
+    solve = sum(4 * K**3 // 3 + N * K * K for K, N, _ in linears)
     return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
 
 

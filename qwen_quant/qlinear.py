@@ -73,6 +73,15 @@ class SortedGptqWeight:
     def codes(self) -> torch.Tensor:
         return packing.unpack_qweight(self.qweight, self.bits)
 
+    def dequantize(self, perm: Optional[torch.Tensor]) -> torch.Tensor:
+        """W = (q - zero) * scale, fp32 [N, K] in the checkpoint's input order (perm: validate_and_sort's)."""
+        K = self.in_features
+        rows = self.row_group if self.row_group is not None else torch.arange(K, device=self.qweight.device) // self.group
+        w_kn = (self.codes() - self.zeros[rows]).to(torch.float32) * self.scales.to(torch.float32)[rows]
+        if perm is not None:  # sorted row i is the checkpoint's input perm[i]
+            w_kn = torch.empty_like(w_kn).index_copy_(0, perm, w_kn)
+        return w_kn.t().contiguous()
+
 
 def _label(name: str, tensor: str) -> str:
     return f"{name}.{tensor}" if name else tensor

@@ -20,21 +20,21 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import (QUANTIZED_LINEARS, WeightReader, check_tensors, copy_side_files, fill_module,
-                         resolve_model_path, write_shards)
+from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, QUANTIZED_LINEARS,
+                     UNQUANTIZED, block_prefix, linear_shapes)
+from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
-from .plan import check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
+from .plan import CHUNK_TOKENS, check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
 
 log = logging.getLogger("qwen_quant")
-TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 METHODS = ("gptq", "rtn")
-UNQUANTIZED = ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight")  # written as they are, in fp16
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -98,8 +98,7 @@ def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) 
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
-    for name, k in (("attn.c_attn", config.hidden_size), ("attn.c_proj", config.hidden_size),
-                    ("mlp.w1", config.hidden_size), ("mlp.w2", config.hidden_size), ("mlp.c_proj", config.ffn_size)):
+    for name, (k, _, _) in linear_shapes(config).items():
         if k % values_per_period(bits)[0]:
             raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {values_per_period(bits)[0]}")
 
@@ -164,7 +163,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
-        prefix = f"transformer.h.{i}."
+        prefix = block_prefix(i)
         timings = BlockReport(i)
         block_start, block_cpu = clock(device), time.process_time()
         with torch.device("meta"):
@@ -239,14 +238,11 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
                          f"model's vocabulary of {config.vocab_size}")
-    wte = reader.get("transformer.wte.weight")
+    wte = reader.get(EMBEDDING)
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
     if not torch.isfinite(hidden).all():
-        raise ValueError("calibration embeddings contain NaN or inf (transformer.wte.weight is not finite)")
+        raise ValueError("calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
-
-
-CHUNK_TOKENS = 2048  # rows per forward step: bounds the temporary memory of a stage (fp32 on the CPU)
 
 
 def chunks(n_samples: int, seqlen: int):
@@ -385,7 +381,7 @@ def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: QuantConfig, dtype) -> None:
     """Put the exported weight back, decoded from the very tensors written, so a resumed run computes the same."""
-    w = dequantize(*(tensors[f"{name}.{t}"] for t in ("qweight", "qzeros", "scales", "g_idx")), quant.bits,
+    w = dequantize(*(tensors[f"{name}.{t}"] for t in GPTQ_PACKED), quant.bits,
                    quant.checkpoint_format)
     linear.weight = torch.nn.Parameter(w.to(device=linear.weight.device, dtype=dtype), requires_grad=False)
     if linear.bias is not None:
@@ -394,17 +390,17 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
 
 def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield "transformer.wte.weight", to_fp16(reader.get("transformer.wte.weight"), "transformer.wte.weight")
+    yield EMBEDDING, to_fp16(reader.get(EMBEDDING), EMBEDDING)
     for i in range(config.num_hidden_layers):
         saved = load_file(work.block_file(i))
-        prefix = f"transformer.h.{i}."
-        yield prefix + "ln_1.weight", saved[prefix + "ln_1.weight"]
-        yield prefix + "ln_2.weight", saved[prefix + "ln_2.weight"]
+        prefix = block_prefix(i)
+        for norm in BLOCK_NORMS:
+            yield f"{prefix}{norm}.weight", saved[f"{prefix}{norm}.weight"]
         for path in QUANTIZED_LINEARS:
-            for t in TENSORS:
+            for t in GPTQ_TENSORS:
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
-    yield "transformer.ln_f.weight", to_fp16(reader.get("transformer.ln_f.weight"), "transformer.ln_f.weight")
-    yield "lm_head.weight", to_fp16(reader.get("lm_head.weight"), "lm_head.weight")
+    for name in (FINAL_NORM, LM_HEAD):
+        yield name, to_fp16(reader.get(name), name)
 
 
 def summary_table(report: QuantizeReport, worst: int = 8) -> str:

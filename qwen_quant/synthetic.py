@@ -6,9 +6,10 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import QUANTIZED_LINEARS, write_shards
+from .checkpoint import write_shards
 from .config import QuantConfig, QwenConfig
 from .gptq import num_groups
+from .layout import EMBEDDING, FINAL_NORM, LM_HEAD, QUANTIZED_LINEARS, block_prefix, linear_shapes
 from .packing import pack_qweight, pack_qzeros
 
 
@@ -19,27 +20,29 @@ def tiny_config(**overrides) -> QwenConfig:
     return QwenConfig(**fields)
 
 
+# Each norm is written just before the first linear it feeds, as in Qwen's files.
+NORM_BEFORE = {"attn.c_attn": "ln_1", "mlp.w1": "ln_2"}
+
+
 def random_tensors(config: QwenConfig, dtype: torch.dtype, seed: int = 0) -> Iterator:
     """(name, tensor) in checkpoint order, one at a time, so a large checkpoint never sits in memory whole."""
     g = torch.Generator().manual_seed(seed)
-    h, ff, V = config.hidden_size, config.ffn_size, config.vocab_size
+    h, V = config.hidden_size, config.vocab_size
 
     def rand(*shape, std=0.02):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
 
-    yield "transformer.wte.weight", rand(V, h, std=1.0)
+    yield EMBEDDING, rand(V, h, std=1.0)
     for i in range(config.num_hidden_layers):
-        p = f"transformer.h.{i}."
-        yield p + "ln_1.weight", (1 + rand(h, std=0.1).float()).to(dtype)
-        yield p + "attn.c_attn.weight", rand(3 * h, h, std=h**-0.5)
-        yield p + "attn.c_attn.bias", rand(3 * h, std=0.1)
-        yield p + "attn.c_proj.weight", rand(h, h, std=h**-0.5)
-        yield p + "ln_2.weight", (1 + rand(h, std=0.1).float()).to(dtype)
-        yield p + "mlp.w1.weight", rand(ff, h, std=h**-0.5)
-        yield p + "mlp.w2.weight", rand(ff, h, std=h**-0.5)
-        yield p + "mlp.c_proj.weight", rand(h, ff, std=ff**-0.5)
-    yield "transformer.ln_f.weight", torch.ones(h, dtype=dtype)
-    yield "lm_head.weight", rand(V, h, std=h**-0.5)
+        p = block_prefix(i)
+        for path, (k, n, bias) in linear_shapes(config).items():
+            if path in NORM_BEFORE:
+                yield p + NORM_BEFORE[path] + ".weight", (1 + rand(h, std=0.1).float()).to(dtype)
+            yield p + path + ".weight", rand(n, k, std=k**-0.5)
+            if bias:
+                yield p + path + ".bias", rand(n, std=0.1)
+    yield FINAL_NORM, torch.ones(h, dtype=dtype)
+    yield LM_HEAD, rand(V, h, std=h**-0.5)
 
 
 def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torch.float32, seed: int = 0,

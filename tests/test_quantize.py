@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
+from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint, tiny_config
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import QUANTIZED_LINEARS, WeightReader, load_dequantized
+from qwen_quant.checkpoint import WeightReader
 from qwen_quant.cli import main
+from qwen_quant.layout import QUANTIZED_LINEARS
+from qwen_quant.model import load_dequantized
 from qwen_quant.packing import dequantize
 from qwen_quant.quantize import quantize, summary_table
 from qwen_quant.synthetic import save_random_checkpoint, tiny_config
