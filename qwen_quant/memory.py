@@ -104,11 +104,12 @@ def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: s
 def quantized_linear_tensors(K: int, N: int, bits: int, group_size: int, dtype: torch.dtype, device: str,
                              sym: bool = True, desc_act: bool = False, backend: str = "auto") -> list:
     """(term, shape, dtype) of every tensor one QuantLinear keeps: what its backend stores, not the checkpoint."""
-    from .qlinear import kept_tensors
+    from .qlinear import backend_class
 
     group = K if group_size == -1 else group_size
     backend = quant_backend(K, N, bits, group, device, backend)
-    kept = kept_tensors(backend, K, N, bits, group_size, dtype=dtype, symmetric=sym, act_order=desc_act)
+    kept = backend_class(backend, bits).declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=sym,
+                                                         act_order=desc_act)
     return [(LINEAR_WEIGHTS if name in QUANT_CODE_BUFFERS else LINEAR_EXTRAS, shape, kept_dtype)
             for name, (shape, kept_dtype) in kept.items()]
 

@@ -109,15 +109,16 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
-             on_block: Optional[Callable[[BlockReport], None]] = None) -> QuantizeReport:
+             on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
+    hub: where a published name is downloaded from (checkpoint.resolve_model_path).
     on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
     and, during the call only, the quantizer's results.
     """
     start = time.time()
-    folder = resolve_model_path(model_path)
+    folder = resolve_model_path(model_path, hub)
     config = QwenConfig.from_file(folder)
     if config.quantization_config is not None:
         raise ValueError(f"{folder} is already quantized ({config.quantization_config.bits}-bit)")
