@@ -21,6 +21,7 @@ from torch import nn
 from .config import QwenConfig, is_int
 from .layout import BLOCKS, linear_shapes
 from .loading import default_dtype
+from .packing import valid_group_size
 from .published import SIZES, find_published
 
 GIB = 2**30
@@ -153,7 +154,7 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     for option, value in (("tokens", tokens), ("batch", batch), ("prompt_tokens", prompt_tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
-    if not is_int(group_size) or group_size < 1 and group_size != -1:
+    if not valid_group_size(group_size):
         raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}")
     device = torch.device(device).type
     dtype = dtype or default_dtype(config, bits is not None, device)

@@ -76,7 +76,8 @@ class SortedGptqWeight:
     def dequantize(self, perm: Optional[torch.Tensor]) -> torch.Tensor:
         """W = (q - zero) * scale, fp32 [N, K] in the checkpoint's input order (perm: validate_and_sort's)."""
         K = self.in_features
-        rows = self.row_group if self.row_group is not None else torch.arange(K, device=self.qweight.device) // self.group
+        rows = (self.row_group if self.row_group is not None
+                else torch.arange(K, device=self.qweight.device) // self.group)
         w_kn = (self.codes() - self.zeros[rows]).to(torch.float32) * self.scales.to(torch.float32)[rows]
         if perm is not None:  # sorted row i is the checkpoint's input perm[i]
             w_kn = torch.empty_like(w_kn).index_copy_(0, perm, w_kn)
@@ -106,11 +107,9 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
 
     Returns the sorted weight and perm (int64 [K]: sorted row i is the checkpoint's input perm[i]), or None when
     g_idx is already in order."""
-    if bits not in packing.SUPPORTED_BITS:
-        raise ValueError(f"{_label(name, 'qweight')}: bits={bits} is not supported, choose one of "
-                         f"{packing.SUPPORTED_BITS}")
+    packing.check_bits(bits, f"{_label(name, 'qweight')}: ")
     packing.check_format(checkpoint_format)
-    if group_size != -1 and group_size < 1:
+    if not packing.valid_group_size(group_size):
         raise ValueError(f"{name or 'layer'}: group_size={group_size} must be -1 (per channel) or positive")
     if qweight.dim() != 2:
         raise ValueError(f"{_label(name, 'qweight')} must be 2-D, got shape {list(qweight.shape)}")

@@ -28,7 +28,7 @@ from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSO
 from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
-from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
+from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, valid_group_size, values_per_period
 from .plan import CHUNK_TOKENS, check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
@@ -96,7 +96,7 @@ def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) 
     check_bits(bits)
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
-    if group_size != -1 and group_size <= 0:
+    if not valid_group_size(group_size):
         raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
     for name, (k, _, _) in linear_shapes(config).items():
         if k % values_per_period(bits)[0]:
