@@ -291,14 +291,6 @@ def test_error_messages_name_the_layer_and_tensor():
         build(Layer(256, 64, 2, 128), backend="triton")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_round_trips(bits):
-    codes = torch.randint(0, 2 ** bits, (96, 40), dtype=torch.int32)
-    packed = packing.pack_qweight(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (96 * bits // 32, 40)
-    assert torch.equal(packing.unpack_qweight(packed, bits), codes)
-
-
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="Triton needs a CUDA device"):
