@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from qwen_quant import QwenConfig, QwenForCausalLM
 from qwen_quant.checkpoint import WeightReader, resolve_model_path, write_shards
 from qwen_quant.published import SIZES, find_published
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from tiny_model import tiny_config
 
 
 @pytest.fixture

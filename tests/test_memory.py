@@ -9,7 +9,8 @@ from qwen_quant.memory import (EMBEDDING, GIB, KV_CACHE, LM_HEAD, TENSOR_TERMS, 
                                estimate_published, measure_loaded_bytes, measure_peak_bytes, memory_report,
                                published_table)
 from qwen_quant.packing import pack_qzeros
-from qwen_quant.synthetic import random_tensors, save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import random_tensors, save_random_checkpoint
+from tiny_model import tiny_config
 
 GROUP = 128
 NEW_TOKENS = 5

@@ -5,8 +5,7 @@ import logging
 import pytest
 import torch
 
-from qwen_quant import packing
-from qwen_quant import qlinear
+from qwen_quant import packing, qlinear, synthetic
 from qwen_quant.qlinear import QuantLinear
 
 BF16_TOLERANCE = 1e-2  # the cpu backend computes with bf16 activations, scales and zeros
@@ -18,16 +17,11 @@ class Layer:
     def __init__(self, K, N, bits, group_size, *, symmetric=True, act_order=False, checkpoint_format="gptq",
                  bias=True, seed=0):
         gen = torch.Generator().manual_seed(seed)
-        group = K if group_size == -1 else group_size
-        G = -(-K // group)
         self.K, self.N, self.bits, self.group_size, self.format = K, N, bits, group_size, checkpoint_format
-        self.q = torch.randint(0, 2 ** bits, (K, N), generator=gen, dtype=torch.int32)
         lowest = 1 if checkpoint_format == "gptq" else 0  # v1 stores zero - 1, so it cannot hold a zero of 0
-        self.zeros = (torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32) if symmetric
-                      else torch.randint(lowest, 2 ** bits, (G, N), generator=gen, dtype=torch.int32))
-        self.scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).half()
-        g_idx = torch.arange(K) // group
-        self.g_idx = (g_idx[torch.randperm(K, generator=gen)] if act_order else g_idx).int()
+        self.q, self.zeros, scale_draws, self.g_idx = synthetic.random_gptq(
+            K, N, bits, group_size, symmetric=symmetric, act_order=act_order, lowest_zero=lowest, generator=gen)
+        self.scales = (scale_draws * 0.02 + 0.002).half()
         self.bias = torch.randn(N, generator=gen).half() if bias else None
 
     def packed(self):

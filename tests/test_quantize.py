@@ -9,8 +9,9 @@ from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
 from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
 from test_packing import unpack_reference
+from tiny_model import tiny_config
 
 FP_PERPLEXITY = 5.667345  # stories260k_qwen model card, 256-token windows
 
