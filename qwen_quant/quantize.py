@@ -242,7 +242,7 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     wte = reader.get(EMBEDDING)
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
     if not torch.isfinite(hidden).all():
-        raise ValueError("calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
+        raise ValueError(f"calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
