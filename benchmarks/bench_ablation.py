@@ -20,8 +20,8 @@ import torch
 
 from common import add_common_args, machine, machine_line, shared_data_dir, smollm2_dir, table, write_json
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.evaluate import perplexity
+from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
 
 # Each option is a set of quantize() arguments on top of GPTQ's defaults.

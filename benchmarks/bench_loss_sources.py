@@ -14,8 +14,9 @@ import torch
 
 from common import add_common_args, machine, machine_line, shared_data_dir, table, write_json
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import QUANTIZED_LINEARS, load_dequantized
+from qwen_quant.layout import QUANTIZED_LINEARS
 from qwen_quant.evaluate import perplexity
+from qwen_quant.model import load_dequantized
 
 
 def subsets(layers: int) -> dict:
@@ -32,7 +33,7 @@ def subsets(layers: int) -> dict:
 
 def mixed(fp_model, quantized, chosen: set) -> None:
     """Put the quantized weights of `chosen` into fp_model, the full-precision ones everywhere else."""
-    for i, (fp_block, q_block) in enumerate(zip(fp_model.transformer.h, quantized["model"].transformer.h)):
+    for i, (fp_block, q_block) in enumerate(zip(fp_model.blocks, quantized["model"].blocks)):
         for p in QUANTIZED_LINEARS:
             source = q_block if (i, p) in chosen else quantized["fp_block"][i]
             fp_block.get_submodule(p).weight.data = source.get_submodule(p).weight.data
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"full precision {fp:.4f}", flush=True)
     rows = {name: {"row": name} for name in subsets(model.config.num_hidden_layers)}
     for k, folder in enumerate(args.folders):
-        quantized = {"model": load_dequantized(folder), "fp_block": reference.transformer.h}
+        quantized = {"model": load_dequantized(folder), "fp_block": reference.blocks}
         for name, chosen in subsets(model.config.num_hidden_layers).items():
             mixed(model, quantized, chosen)
             rows[name][f"ppl{k}"] = perplexity(model, ids, seqlen=2048, progress=False).perplexity

@@ -19,8 +19,8 @@ import torch
 
 from common import add_common_args, machine, machine_line, shared_data_dir, table, write_json
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.evaluate import perplexity
+from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
 
 CORE = [dict(bits=b, group_size=32, sym=True, desc_act=False) for b in (3, 4, 8)]

@@ -140,11 +140,12 @@ def table(rows: list, columns: list) -> str:
 
 
 def shared_data_dir() -> Path:
-    """The team's real data: $QWEN_QUANT_DATA, else ../shared/data beside the checkout (as the tests read it)."""
+    """The team's real data: $QWEN_QUANT_DATA, else ../shared/data beside the checkout (the tests read it through
+    this too). Missing data stops the run (SystemExit), never skips."""
     root = Path(os.environ.get("QWEN_QUANT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not (root / "stories260k_qwen" / "config.json").is_file():
         raise SystemExit(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding "
-                         "stories260k_qwen/")
+                         "stories260k_qwen/, qwen_tiktoken/, wikitext2/")
     return root
 
 

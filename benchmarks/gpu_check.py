@@ -55,6 +55,7 @@ from qwen_quant.config import QwenConfig  # noqa: E402
 from qwen_quant.memory import estimate_memory, measure_peak_bytes  # noqa: E402
 from qwen_quant.published import SIZES  # noqa: E402
 from qwen_quant.qlinear import QuantLinear  # noqa: E402
+from qwen_quant.synthetic import random_gptq  # noqa: E402
 
 QUANT_PATHS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
@@ -118,16 +119,10 @@ def time_ms(fn, device: str, warmup: int, reps: int) -> float:
 def random_layer(K: int, N: int, bits: int, group_size: int, act_order: bool, device: str, seed: int) -> dict:
     """Packed tensors of a random symmetric GPTQ layer with fp16 scales at a real layer's scale."""
     g = torch.Generator().manual_seed(seed)
-    group = K if group_size == -1 else group_size
-    G = -(-K // group)
-    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
-    g_idx = torch.arange(K, dtype=torch.int32) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=g)]
-    zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
+    codes, zeros, scale_draws, g_idx = random_gptq(K, N, bits, group_size, act_order=act_order, generator=g)
     return {"qweight": packing.pack_qweight(codes, bits).to(device),
             "qzeros": packing.pack_qzeros(zeros, bits, "gptq").to(device),
-            "scales": (torch.rand(G, N, generator=g) * 2 * K**-0.5 / 2**bits + 1e-4).half().to(device),
+            "scales": (scale_draws * 2 * K**-0.5 / 2**bits + 1e-4).half().to(device),
             "g_idx": g_idx.to(device), "bias": (torch.randn(N, generator=g) * 0.1).half().to(device)}
 
 

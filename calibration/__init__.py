@@ -46,8 +46,7 @@ def get_calibration_data(source: Source, tokenizer: Optional[Tokenizer] = None, 
     if isinstance(source, torch.Tensor) and source.dim() == 1:
         return random_windows(source, nsamples, seqlen, generator, "the 1-D tensor of token ids")
     if isinstance(source, (list, tuple)) and source and all(isinstance(text, str) for text in source):
-        text = "\n\n".join(source)
-        stream = torch.tensor(require_tokenizer(tokenizer, "list of strings").encode(text), dtype=torch.long)
+        stream = encode_text(require_tokenizer(tokenizer, "list of strings"), source)
         return random_windows(stream, nsamples, seqlen, generator, f"the list of {len(source)} strings")
     if isinstance(source, (list, tuple)):
         return windows_from_sequences(source, nsamples, seqlen, generator)
@@ -60,8 +59,7 @@ def get_calibration_data(source: Source, tokenizer: Optional[Tokenizer] = None, 
         dataset = load_hub_dataset(source)
         if source == "c4":
             return c4_windows(dataset, tokenizer, nsamples, seqlen, generator)
-        stream = tokenizer.encode("\n\n".join(dataset["text"]))
-        return random_windows(torch.tensor(stream, dtype=torch.long), nsamples, seqlen, generator, "wikitext2")
+        return random_windows(encode_text(tokenizer, dataset["text"]), nsamples, seqlen, generator, "wikitext2")
     path = Path(source)
     if path.suffix not in FILE_SUFFIXES:
         if path.exists():
@@ -73,10 +71,15 @@ def get_calibration_data(source: Source, tokenizer: Optional[Tokenizer] = None, 
     if path.suffix == ".npy":
         stream = read_token_ids(path)
     elif path.suffix == ".txt":
-        stream = torch.tensor(require_tokenizer(tokenizer, path).encode(read_text(path)), dtype=torch.long)
+        stream = encode_text(require_tokenizer(tokenizer, path), read_text(path))
     else:
         stream = torch.tensor(encode_chat_jsonl(path, require_tokenizer(tokenizer, path)), dtype=torch.long)
     return random_windows(stream, nsamples, seqlen, generator, str(path))
+
+
+def encode_text(tokenizer: Tokenizer, text: Union[str, Sequence[str]]) -> torch.Tensor:
+    """Token ids int64 [T] of a text, or of documents joined by blank lines (GPTQ's protocol for wikitext2)."""
+    return torch.tensor(tokenizer.encode(text if isinstance(text, str) else "\n\n".join(text)), dtype=torch.long)
 
 
 def require_tokenizer(tokenizer: Optional[Tokenizer], source) -> Tokenizer:
@@ -147,7 +150,8 @@ def read_token_ids(path: Path) -> torch.Tensor:
         if needed > available:
             raise ValueError(f"{path}: its header claims {shape[0]} ids of {dtype} ({needed} bytes), but the file "
                              f"holds only {available} bytes of data (truncated or corrupt?)")
-        ids = np.frombuffer(f.read(needed), dtype=dtype)
+    # The header is sound and the data all there: numpy maps it (checked_token_ids then copies it as int64).
+    ids = np.load(path, mmap_mode="r")
     return torch.from_numpy(checked_token_ids(ids, f"file {path}"))
 
 

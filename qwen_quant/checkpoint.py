@@ -1,7 +1,8 @@
-"""Reading and writing checkpoints in the Hugging Face layout of the Qwen (v1) models.
+"""Checkpoint files: finding a model folder (local, Hugging Face Hub, ModelScope), reading its weights tensor by
+tensor with every header checked, writing safetensors shards, and copying the side files a published folder carries.
 
-Weights are read tensor by tensor from memory-mapped safetensors into a model built on the meta device, so loading
-needs about one copy of the weights. Pickle checkpoints are refused unless the caller opts in.
+This module knows files, not the model: `loading` puts what it reads into one. Pickle checkpoints are refused unless
+the caller opts in.
 """
 import fnmatch
 import hashlib
@@ -10,28 +11,29 @@ import logging
 import math
 import os
 import pickle
-import re
 import reprlib
 import shutil
 import struct
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
-from .config import QwenConfig
 from .published import find_published, published_names
 
 log = logging.getLogger("qwen_quant")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# The remote code, kernels and licenses too: they are copied into the quantized folder (never imported).
-HUB_FILES = ["*.json", "*.safetensors", "qwen.tiktoken", "*.md", "*.txt", "*.py", "*.cu", "*.cpp", "LICENSE*",
-             "NOTICE*"]
-QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+# The files a reader of Qwen's published folders uses besides the weights: remote code and its kernels, tokenizers
+# (Qwen's tiktoken, tokenizer.json of other models, llama2.c's tok512.bin), generation settings and the licenses,
+# which must travel with derived weights (copied, never imported).
+SIDE_FILES = ("*.py", "*.cu", "*.cpp", "qwen.tiktoken", "tokenizer_config.json", "tokenizer.json", "tok512.bin",
+              "generation_config.json", "LICENSE*", "NOTICE*")
+# What a published name downloads: config, weights, model card and the side files.
+HUB_FILES = ["*.json", "*.safetensors", "*.md", "*.txt", *SIDE_FILES]
 HUBS = ("huggingface", "modelscope")
 HUB_ENV = "QWEN_QUANT_HUB"  # where published names come from when no hub is passed
 
@@ -261,143 +263,6 @@ def check_tensor_entry(file: Path, name: str, info, data_bytes: int) -> None:
         raise ValueError(f"cannot read {file}: tensor {name} lies past the end of the file (is it truncated?)")
 
 
-def iter_state(reader: WeightReader, module: torch.nn.Module, prefix: str = "") -> Iterator:
-    """(name, checkpoint tensor) for every parameter of module, with shape checks naming the tensor."""
-    for name, param in module.named_parameters():
-        full = prefix + name
-        if full not in reader:
-            raise KeyError(f"tensor {full} is missing from the checkpoint in {reader.folder}")
-        tensor = reader.get(full)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"tensor {full} has shape {list(tensor.shape)}, the config needs {list(param.shape)}")
-        if param.is_floating_point() and not tensor.is_floating_point():
-            raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
-                             "float weight: the checkpoint is corrupt")
-        yield name, tensor
-
-
-def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
-    """The checkpoint's tensor names and shapes (from the headers: nothing is read) against the ones the config
-    implies, before any model is built: a block more or less, or a vocabulary the embedding lacks, is an error."""
-    from .model import Block
-
-    with torch.device("meta"):  # one block stands for all of them: a bad num_hidden_layers must not build millions
-        block = {name: tuple(param.shape) for name, param in Block(config).named_parameters()}
-    h, vocab = config.hidden_size, config.vocab_size
-    top = {"transformer.wte.weight": (vocab, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (vocab, h)}
-    optional = set()
-    if config.quantization_config is not None:  # packed shapes are checked where the packing is known (qlinear)
-        for path in QUANTIZED_LINEARS:
-            del block[f"{path}.weight"]
-            block.pop(f"{path}.bias", None)
-            block.update({f"{path}.{t}": None for t in ("qweight", "qzeros", "scales")})
-            optional |= {f"{path}.g_idx", f"{path}.bias"}
-    layers = config.num_hidden_layers
-    unexpected, blocks = [], set()
-    for name in reader.names():
-        match = re.fullmatch(r"transformer\.h\.(0|[1-9][0-9]*)\.(.+)", name)
-        if match and int(match[1]) < layers and (match[2] in block or match[2] in optional):
-            blocks.add(int(match[1]))
-        elif name not in top:
-            unexpected.append(name)
-    if unexpected:
-        raise ValueError(f"unexpected tensor(s) in the checkpoint in {reader.folder} (its config.json has "
-                         f"num_hidden_layers {layers}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    missing_block = next((i for i in range(layers) if i not in blocks), None)
-    if missing_block is not None:
-        raise KeyError(f"tensor transformer.h.{missing_block}.ln_1.weight is missing from the checkpoint in "
-                       f"{reader.folder}: config.json has num_hidden_layers {layers}, the checkpoint "
-                       f"{len(blocks)} block(s)")
-    expected = dict(top)
-    for i in range(layers):
-        expected.update({f"transformer.h.{i}.{name}": shape for name, shape in block.items()})
-    for name, shape in expected.items():
-        if name not in reader:
-            raise KeyError(f"tensor {name} is missing from the checkpoint in {reader.folder}")
-        if shape is not None and reader.shape(name) != shape:
-            raise ValueError(f"tensor {name} has shape {list(reader.shape(name))}, the config needs {list(shape)}")
-
-
-def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtype, device) -> None:
-    """Replace module's (meta) parameters with the checkpoint's tensors, converted one at a time."""
-    for name, tensor in list(iter_state(reader, module, prefix)):
-        owner, _, leaf = name.rpartition(".")
-        target = module.get_submodule(owner) if owner else module
-        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
-
-
-def load_model(path_or_name, dtype=None, device=None, backend: str = "auto", allow_pickle: bool = False):
-    from .model import QwenForCausalLM
-
-    folder = resolve_model_path(path_or_name)
-    config = QwenConfig.from_file(folder)
-    quant = config.quantization_config
-    if dtype is None:
-        dtype = torch.float16 if quant is not None and torch.device(device or "cpu").type == "cuda" else \
-            (torch.bfloat16 if quant is not None else config.dtype)
-    device = torch.device(device or "cpu")
-    reader = WeightReader(folder, allow_pickle=allow_pickle)
-    check_tensors(reader, config)
-    with torch.device("meta"):
-        model = QwenForCausalLM(config)
-    if quant is not None:
-        from .qlinear import QuantLinear
-
-        for i, block in enumerate(model.transformer.h):
-            for path in QUANTIZED_LINEARS:
-                owner, _, leaf = path.rpartition(".")
-                name = f"transformer.h.{i}.{path}"
-                dense = block.get_submodule(path)
-                setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
-                    *(reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales")),
-                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in ("g_idx", "bias")),
-                    bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
-                    backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
-                    out_features=dense.out_features, sym=quant.sym, desc_act=quant.desc_act))
-    fill_module(model, reader, "", dtype, device)
-    return model.eval()
-
-
-def load_dequantized(path_or_name, dtype=torch.float32, device=None):
-    """A quantized checkpoint as a full-precision model: every QuantLinear's weight decoded back to dtype
-    (the reference that the quantized runtime is tested against, and how quantization quality is measured)."""
-    from .model import QwenForCausalLM
-    from .packing import dequantize
-    from .qlinear import validate_and_sort
-
-    folder = resolve_model_path(path_or_name)
-    config = QwenConfig.from_file(folder)
-    quant = config.quantization_config
-    if quant is None:
-        raise ValueError(f"{folder} is not a quantized checkpoint (config.json has no quantization_config)")
-    reader = WeightReader(folder)
-    check_tensors(reader, config)
-    with torch.device("meta"):
-        model = QwenForCausalLM(config)
-    for i, block in enumerate(model.transformer.h):
-        for path in QUANTIZED_LINEARS:
-            name = f"transformer.h.{i}.{path}"
-            linear = block.get_submodule(path)
-            packed = [reader.get(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")]
-            bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
-            # The same checks as load_model's (shapes, finite scales, zero points against sym) before decoding.
-            validate_and_sort(*packed, bias, bits=quant.bits, group_size=quant.group_size,
-                              checkpoint_format=quant.checkpoint_format, in_features=linear.in_features,
-                              out_features=linear.out_features, name=name, sym=quant.sym, desc_act=quant.desc_act)
-            w = dequantize(*packed, quant.bits, quant.checkpoint_format)
-            linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
-            linear.bias = None if bias is None else torch.nn.Parameter(bias.to(device=device, dtype=dtype),
-                                                                       requires_grad=False)
-    rest = torch.nn.ModuleDict({"wte": model.transformer.wte, "ln_f": model.transformer.ln_f})
-    fill_module(rest, reader, "transformer.", dtype, device)
-    fill_module(model.lm_head, reader, "lm_head.", dtype, device)
-    for i, block in enumerate(model.transformer.h):
-        fill_module(torch.nn.ModuleDict({"ln_1": block.ln_1, "ln_2": block.ln_2}), reader, f"transformer.h.{i}.",
-                    dtype, device)
-    return model.eval()
-
-
 def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, metadata: Optional[dict] = None) -> int:
     """Stream (name, tensor) pairs into model.safetensors, or model-0000i-of-0000n.safetensors plus the index,
     starting a new shard when the next tensor would pass max_shard_bytes. Returns the total bytes of tensors.
@@ -454,13 +319,6 @@ def write_shards(tensors: Iterable, folder, max_shard_bytes: int = 4 * 10**9, me
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return total
-
-
-# The files a reader of Qwen's published folders uses besides the weights: remote code and its kernels, tokenizers
-# (Qwen's tiktoken, tokenizer.json of other models, llama2.c's tok512.bin), generation settings and the licenses,
-# which must travel with derived weights.
-SIDE_FILES = ("*.py", "*.cu", "*.cpp", "qwen.tiktoken", "tokenizer_config.json", "tokenizer.json", "tok512.bin",
-              "generation_config.json", "LICENSE*", "NOTICE*")
 
 
 def link_root(folder: Path) -> Path:

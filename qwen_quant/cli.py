@@ -103,7 +103,9 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 
 def add_hub_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hub", choices=("huggingface", "modelscope"), default=None,
+    from .checkpoint import HUBS
+
+    p.add_argument("--hub", choices=HUBS, default=None,
                    help="where published names are downloaded from (default: $QWEN_QUANT_HUB, else huggingface)")
 
 
@@ -162,7 +164,7 @@ def run_quantize(args) -> None:
                       sym=args.sym, damp_percent=args.damp, static_groups=args.static_groups, calibration=args.dataset,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                       method=args.method, resume=args.resume, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp,
+                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp, hub=args.hub,
                       asym_calibration=args.asym_calibration, group_act_order=args.group_act_order)
     print(summary_table(report))
 
@@ -174,7 +176,7 @@ def run_eval(args) -> None:
     from .tokenizer import load_tokenizer
 
     def ppl(name):
-        folder = resolve_model_path(name)
+        folder = resolve_model_path(name, args.hub)
         model = QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
         tokens = load_eval_tokens(args.dataset, load_tokenizer(folder))
         return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size,
@@ -222,11 +224,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "stride", None) is not None and args.stride > args.seqlen:
         p.error(f"argument --stride: {args.stride} must be at most --seqlen ({args.seqlen})")
-    if getattr(args, "hub", None):
-        from .checkpoint import HUB_ENV
-
-        # Every published name this run resolves (model, baseline) reads the hub from here.
-        os.environ[HUB_ENV] = args.hub
     try:
         run(args)
     except Exception as e:  # every failure becomes one line and exit code 2

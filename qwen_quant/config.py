@@ -53,12 +53,13 @@ class QuantConfig:
     checkpoint_format: str = "gptq"  # "gptq" (v1, zero stored minus one; Qwen's files) or "gptq_v2"
 
     def __post_init__(self):
-        from .packing import FORMATS, SUPPORTED_BITS  # packing knows the formats and widths
+        # packing knows the formats, widths and group sizes
+        from .packing import FORMATS, SUPPORTED_BITS, valid_bits, valid_group_size
 
         problems = field_problems(self, flags=("desc_act", "static_groups", "sym", "true_sequential"))
-        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+        if not valid_bits(self.bits):
             problems.append(f"bits={self.bits!r} must be one of the integers {SUPPORTED_BITS}")
-        if not is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
+        if not valid_group_size(self.group_size):
             problems.append(f"group_size={self.group_size!r} must be a positive integer or -1 (per channel)")
         damp = self.damp_percent
         if not (is_int(damp) or isinstance(damp, float)) or not 0 <= damp <= 1:  # NaN fails the range too

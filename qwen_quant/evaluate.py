@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import load_hub_dataset, read_text, read_token_ids
+from .calibration import encode_text, load_hub_dataset, read_text, read_token_ids
 
 EVAL_DATASETS = ("wikitext2",)  # Hub test splits, joined with "\n\n" as GPTQ does
 
@@ -32,7 +32,7 @@ def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
             raise ValueError(f"evaluation token ids must be integers, got {str(ids.dtype).removeprefix('torch.')}")
         tokens = ids.long().flatten()
     elif str(source) in EVAL_DATASETS:
-        tokens = _encode(tokenizer, "\n\n".join(load_hub_dataset(str(source), split="test")["text"]), source)
+        tokens = _encode(tokenizer, load_hub_dataset(str(source), split="test")["text"], source)
     else:
         path = Path(source)
         if not path.is_file():
@@ -48,11 +48,11 @@ def load_eval_tokens(source, tokenizer=None) -> torch.Tensor:
     return tokens
 
 
-def _encode(tokenizer, text: str, source) -> torch.Tensor:
+def _encode(tokenizer, text, source) -> torch.Tensor:
     if tokenizer is None:
         raise ValueError(f"evaluation text {source} needs a tokenizer (the model folder has no qwen.tiktoken or "
                          "tokenizer.json)")
-    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    return encode_text(tokenizer, text)
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import check_bits
+from .packing import check_bits, valid_group_size
 
 # Clipping search (GPTQ's `mse` option): shrink the range by 0 %, 3 %, ... 45 % and keep, per row, the factor
 # whose rounding error has the smallest 2.4-norm (an exponent above 2 weighs the large errors more). GPTQ's own
@@ -162,7 +162,7 @@ def _check_inputs(weight: torch.Tensor, bits: int, group_size: int, name: str) -
     check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if group_size != -1 and group_size <= 0:
+    if not valid_group_size(group_size):
         raise ValueError(f"{name}: group_size {group_size} must be positive or -1 (per channel)")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name}: weight contains NaN or inf")

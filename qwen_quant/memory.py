@@ -1,7 +1,7 @@
 """Peak memory of Qwen's published protocol (batch 1, a 1-token context, generating N tokens), term by term.
 
 `estimate_memory` needs only a config and the quantization settings: every term is the bytes of the exact tensors
-that `checkpoint.load_model` and `qlinear.QuantLinear` keep, the KV cache that `QwenForCausalLM.setup_cache`
+that `model.load_model` and `qlinear.QuantLinear` keep, the KV cache that `QwenForCausalLM.setup_cache`
 preallocates, and the temporaries of one generation step. `measure_peak_bytes` runs the protocol on a loaded model
 (GPU: torch.cuda.max_memory_allocated; CPU: the exact bytes of its tensors and KV cache, `measure_loaded_bytes`).
 
@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from .config import QwenConfig, is_int
+from .layout import BLOCKS, linear_shapes
+from .loading import default_dtype
+from .packing import valid_group_size
 from .published import SIZES, find_published
 
 GIB = 2**30
@@ -84,13 +87,6 @@ def _block_bytes(shape, dtype: torch.dtype, device: str) -> int:
     return nbytes
 
 
-def block_linears(config: QwenConfig) -> list:
-    """(name, in_features K, out_features N, dense bias) of the five linears of one block."""
-    h, ff, biased = config.hidden_size, config.ffn_size, not config.no_bias
-    return [("attn.c_attn", h, 3 * h, True), ("attn.c_proj", h, h, biased), ("mlp.w1", h, ff, biased),
-            ("mlp.w2", h, ff, biased), ("mlp.c_proj", ff, h, biased)]
-
-
 def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: str = "auto") -> str:
     """The backend QuantLinear.from_packed picks (or accepts) for this layer, asked of qlinear itself."""
     from .qlinear import SortedGptqWeight, choose_backend, unsupported_reason
@@ -109,11 +105,12 @@ def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: s
 def quantized_linear_tensors(K: int, N: int, bits: int, group_size: int, dtype: torch.dtype, device: str,
                              sym: bool = True, desc_act: bool = False, backend: str = "auto") -> list:
     """(term, shape, dtype) of every tensor one QuantLinear keeps: what its backend stores, not the checkpoint."""
-    from .qlinear import kept_tensors
+    from .qlinear import backend_class
 
     group = K if group_size == -1 else group_size
     backend = quant_backend(K, N, bits, group, device, backend)
-    kept = kept_tensors(backend, K, N, bits, group_size, dtype=dtype, symmetric=sym, act_order=desc_act)
+    kept = backend_class(backend, bits).declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=sym,
+                                                         act_order=desc_act)
     return [(LINEAR_WEIGHTS if name in QUANT_CODE_BUFFERS else LINEAR_EXTRAS, shape, kept_dtype)
             for name, (shape, kept_dtype) in kept.items()]
 
@@ -139,13 +136,6 @@ def peak_transients(config: QwenConfig, batch: int, prompt_tokens: int, max_len:
     }
 
 
-def default_dtype(config: QwenConfig, bits: Optional[int], device: str) -> torch.dtype:
-    """The activation dtype checkpoint.load_model chooses when none is given."""
-    if bits is None:
-        return config.dtype
-    return torch.float16 if device == "cuda" else torch.bfloat16
-
-
 def precision_label(bits: Optional[int], group_size: int, sym: bool, desc_act: bool, dtype: torch.dtype) -> str:
     if bits is None:
         return f"dense {_dtype_name(dtype)}"
@@ -164,14 +154,14 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     for option, value in (("tokens", tokens), ("batch", batch), ("prompt_tokens", prompt_tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
-    if not is_int(group_size) or group_size < 1 and group_size != -1:
+    if not valid_group_size(group_size):
         raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}")
     device = torch.device(device).type
-    dtype = dtype or default_dtype(config, bits, device)
+    dtype = dtype or default_dtype(config, bits is not None, device)
     h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     terms = dict.fromkeys(TENSOR_TERMS + (ACTIVATIONS, WORKSPACE, OVERHEAD), 0)
     not_kept = {}
-    for _, K, N, bias in block_linears(config):
+    for K, N, bias in linear_shapes(config).values():
         if bits is None:
             tensors = dense_linear_tensors(K, N, bias, dtype)
         else:
@@ -230,7 +220,7 @@ def _term_of(module_name: str, module: nn.Module, tensor_name: str, model: nn.Mo
         return EMBEDDING
     if module is model.lm_head:
         return LM_HEAD
-    if isinstance(module, nn.Linear) and module_name.startswith("transformer.h."):
+    if isinstance(module, nn.Linear) and module_name.startswith(BLOCKS + "."):
         return LINEAR_WEIGHTS if tensor_name == "weight" else LINEAR_EXTRAS
     return "other"
 

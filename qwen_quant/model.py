@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import REAL_VOCAB, QwenConfig
+from .layout import BLOCKS, TRUE_SEQUENTIAL_GROUPS, linear_shapes
+from .loading import load_dequantized_weights, load_weights, open_checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -77,14 +79,19 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def block_linear(config: QwenConfig, path: str) -> nn.Linear:
+    """The dense linear at `path` in a block, shaped as layout.linear_shapes says."""
+    k, n, bias = linear_shapes(config)[path]
+    return nn.Linear(k, n, bias=bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
         self.config = config
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        h = config.hidden_size
-        self.c_attn = nn.Linear(h, 3 * h, bias=True)
-        self.c_proj = nn.Linear(h, h, bias=not config.no_bias)
+        self.c_attn = block_linear(config, "attn.c_attn")
+        self.c_proj = block_linear(config, "attn.c_proj")
         self.cache: Optional[KVCache] = None
 
     def mix(self, qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -120,10 +127,9 @@ def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int])
 class MLP(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
-        h, ff = config.hidden_size, config.ffn_size
-        self.w1 = nn.Linear(h, ff, bias=not config.no_bias)  # up
-        self.w2 = nn.Linear(h, ff, bias=not config.no_bias)  # gate
-        self.c_proj = nn.Linear(ff, h, bias=not config.no_bias)
+        self.w1 = block_linear(config, "mlp.w1")  # up
+        self.w2 = block_linear(config, "mlp.w2")  # gate
+        self.c_proj = block_linear(config, "mlp.c_proj")
 
     def hidden(self, x):
         """The input of c_proj: up * silu(gate)."""
@@ -141,7 +147,7 @@ class Block(nn.Module):
     recomputed): forward passes it on, quantization keeps only x and y.
     """
 
-    GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
+    GROUPS = TRUE_SEQUENTIAL_GROUPS
 
     def __init__(self, config: QwenConfig):
         super().__init__()
@@ -195,9 +201,12 @@ class QwenForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_name, dtype=None, device=None, backend: str = "auto",
                         allow_pickle: bool = False) -> "QwenForCausalLM":
-        from .checkpoint import load_model
-
         return load_model(path_or_name, dtype=dtype, device=device, backend=backend, allow_pickle=allow_pickle)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order: the module at layout.BLOCKS, the path their tensor names start with."""
+        return self.get_submodule(BLOCKS)
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +235,7 @@ class QwenForCausalLM(nn.Module):
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache first")
             rope = self.rope_for(input_pos, self.cache_alpha, use_cache=True)
         x = self.transformer.wte(input_ids)
-        for block in self.transformer.h:
+        for block in self.blocks:
             x = block(x, rope)
         if last_only:
             x = x[:, -1:]
@@ -235,15 +244,15 @@ class QwenForCausalLM(nn.Module):
     def setup_cache(self, batch: int, max_len: int, prompt_len: int) -> None:
         """Preallocate the KV cache and fix the dynamic-NTK factor from the prompt, as the original does."""
         self.cache_alpha = self.alpha_for(prompt_len)
-        if self.cache_len >= max_len and self.transformer.h[0].attn.cache.k.shape[0] == batch:
+        if self.cache_len >= max_len and self.blocks[0].attn.cache.k.shape[0] == batch:
             return
         c = self.config
-        for block in self.transformer.h:
+        for block in self.blocks:
             block.attn.cache = KVCache(batch, c.num_attention_heads, max_len, c.head_dim, self.dtype, self.device)
         self.cache_len = max_len
 
     def clear_cache(self) -> None:
-        for block in self.transformer.h:
+        for block in self.blocks:
             block.attn.cache = None
         self.cache_len = 0
 
@@ -317,3 +326,21 @@ class QwenForCausalLM(nn.Module):
         new = [t for t in new if t not in tokenizer.stop_ids]
         reply = tokenizer.decode(new)
         return reply, history + [(query, reply)]
+
+
+def load_model(path_or_name, dtype=None, device=None, backend: str = "auto",
+               allow_pickle: bool = False) -> QwenForCausalLM:
+    """A checkpoint folder or published name as a model on `device`: dense, or with QuantLinear layers when the
+    config has a quantization_config. dtype None: loading.default_dtype."""
+    config, reader = open_checkpoint(path_or_name, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    return load_weights(model, reader, dtype, device, backend)
+
+
+def load_dequantized(path_or_name, dtype=torch.float32, device=None) -> QwenForCausalLM:
+    """A quantized checkpoint as a full-precision model, every quantized weight decoded back to dtype."""
+    config, reader = open_checkpoint(path_or_name)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    return load_dequantized_weights(model, reader, dtype, device)

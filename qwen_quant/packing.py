@@ -12,9 +12,21 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 
 
-def check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported: choose one of {SUPPORTED_BITS}")
+def valid_bits(bits) -> bool:
+    """The one rule for a code width: an integer of SUPPORTED_BITS (JSON true is not 1, and 4.0 is not 4)."""
+    return isinstance(bits, int) and not isinstance(bits, bool) and bits in SUPPORTED_BITS
+
+
+def check_bits(bits: int, label: str = "") -> None:
+    """Raise unless valid_bits; label (say "NAME.qweight: ") starts the message."""
+    if not valid_bits(bits):
+        raise ValueError(f"{label}bits={bits} is not supported: choose one of {SUPPORTED_BITS}")
+
+
+def valid_group_size(group_size) -> bool:
+    """The one rule for a group size: a positive integer, or -1 for one group per output channel. Callers word the
+    error for their setting."""
+    return isinstance(group_size, int) and not isinstance(group_size, bool) and (group_size == -1 or group_size > 0)
 
 
 def values_per_period(bits: int) -> tuple[int, int]:

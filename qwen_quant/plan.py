@@ -20,8 +20,24 @@ from typing import Optional, Union
 import torch
 
 from .config import QwenConfig
-from .memory import MemoryEstimate, block_linears, format_memory_report
+from .layout import linear_shapes
+from .memory import MemoryEstimate, format_memory_report
 from .published import find_published
+
+CHUNK_TOKENS = 2048  # token rows per forward step of a quantization run: bounds the temporary memory of a stage
+
+
+def block_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a block's weights and arithmetic while it is quantized; activations are kept in `dtype`.
+
+    A CPU without bf16 instructions (AVX512-BF16 or AMX) multiplies bf16 matrices several times slower than fp32
+    (6.6x on AVX2 at 2048 x 2048 x 5504), so there the block computes in fp32.
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16 and not (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.float32
+    return dtype
+
 
 # Measured on this project's machines: the Qwen tokenizer (tiktoken's 151643 ranks as Python bytes plus its Rust
 # core's copy) and tokenizing a WikiText-sized text add about 64 MiB of RSS.
@@ -109,7 +125,7 @@ def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int
     """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every
     linear carries one, see quantize.export_linear); and the two fp16 norms."""
     total = 2 * config.hidden_size * 2
-    for _, K, N, _ in block_linears(config):
+    for K, N, _ in linear_shapes(config).values():
         groups = -(-K // (K if group_size == -1 else group_size))
         total += K * N * bits // 8 + groups * (N * bits // 32) * 4 + groups * N * 2 + K * 4 + N * 2
     return total
@@ -121,8 +137,6 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum.
     asym: asymmetric calibration, which carries the full-precision model's activations and block beside the
     quantized ones."""
-    from .quantize import CHUNK_TOKENS, block_compute_dtype
-
     h, ff, V, L = config.hidden_size, config.ffn_size, config.vocab_size, config.num_hidden_layers
     act, ckpt = dtype.itemsize, config.dtype.itemsize
     # A block's weights and arithmetic may be wider than the activations it reads (fp32 on CPUs without bf16).
@@ -131,9 +145,9 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     gptq = method == "gptq"
     T = nsamples * seqlen if gptq else 0
     rows = min(T, max(1, CHUNK_TOKENS // seqlen) * seqlen) if gptq else 0  # token rows of one forward chunk
-    linears = block_linears(config)
-    block_params = sum(K * N + (N if bias else 0) for _, K, N, bias in linears) + 2 * h
-    largest_linear = max(K * N for _, K, N, _ in linears)
+    linears = linear_shapes(config).values()
+    block_params = sum(K * N + (N if bias else 0) for K, N, bias in linears) + 2 * h
+    largest_linear = max(K * N for K, N, _ in linears)
     cuda = device == "cuda"
     notes = {}
 
@@ -150,7 +164,7 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
     # larger of the two.
     if gptq:
-        K, N = max(((K, N) for _, K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
+        K, N = max(((K, N) for K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
                    * kn[0] * kn[1])
         solver = term("GPTQ working copies", 4 * (GPTQ_SQUARES * K * K + GPTQ_WEIGHT_COPIES * K * N),
                       f"at the [{K} -> {N}] layer: {GPTQ_SQUARES} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
@@ -208,8 +222,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
 def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq", asym: bool = False) -> dict:
     """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
     h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
-    linears = block_linears(config)
-    rtn_loss = sum(2 * N * K * K for _, K, N, _ in linears)  # (W - Q) @ H for the loss of each method
+    linears = linear_shapes(config).values()
+    rtn_loss = sum(2 * N * K * K for K, N, _ in linears)  # (W - Q) @ H for the loss of each method
     if method != "gptq":
         return {"calibration forwards": 0, "Hessians": 0, "GPTQ": 0, "loss": 0}
     T = nsamples * seqlen
@@ -218,11 +232,11 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
     # The upper triangle of x^T x in HESSIAN_BANDS row bands: (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
     hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
-    solve = sum(4 * K**3 // 3 + N * K * K for _, K, N, _ in linears)
+    solve = sum(4 * K**3 // 3 + N * K * K for K, N, _ in linears)
     if asym:  # the full-precision block's forwards, the full [K, K] cross terms, the shift W C H^-1 and the loss
         forwards *= 2
         hessians += 2 * T * (3 * h * h + ff * ff)
-        solve += sum(4 * N * K * K for _, K, N, _ in linears)
+        solve += sum(4 * N * K * K for K, N, _ in linears)
     return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
 
 

@@ -73,6 +73,16 @@ class SortedGptqWeight:
     def codes(self) -> torch.Tensor:
         return packing.unpack_qweight(self.qweight, self.bits)
 
+    def dequantize(self, perm: Optional[torch.Tensor]) -> torch.Tensor:
+        """W = (q - zero) * scale, fp32 [N, K] in the checkpoint's input order (perm: validate_and_sort's)."""
+        K = self.in_features
+        rows = (self.row_group if self.row_group is not None
+                else torch.arange(K, device=self.qweight.device) // self.group)
+        w_kn = (self.codes() - self.zeros[rows]).to(torch.float32) * self.scales.to(torch.float32)[rows]
+        if perm is not None:  # sorted row i is the checkpoint's input perm[i]
+            w_kn = torch.empty_like(w_kn).index_copy_(0, perm, w_kn)
+        return w_kn.t().contiguous()
+
 
 def _label(name: str, tensor: str) -> str:
     return f"{name}.{tensor}" if name else tensor
@@ -97,11 +107,9 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
 
     Returns the sorted weight and perm (int64 [K]: sorted row i is the checkpoint's input perm[i]), or None when
     g_idx is already in order."""
-    if bits not in packing.SUPPORTED_BITS:
-        raise ValueError(f"{_label(name, 'qweight')}: bits={bits} is not supported, choose one of "
-                         f"{packing.SUPPORTED_BITS}")
+    packing.check_bits(bits, f"{_label(name, 'qweight')}: ")
     packing.check_format(checkpoint_format)
-    if group_size != -1 and group_size < 1:
+    if not packing.valid_group_size(group_size):
         raise ValueError(f"{name or 'layer'}: group_size={group_size} must be -1 (per channel) or positive")
     if qweight.dim() != 2:
         raise ValueError(f"{_label(name, 'qweight')} must be 2-D, got shape {list(qweight.shape)}")
@@ -212,39 +220,6 @@ def choose_backend(w: SortedGptqWeight, device: torch.device) -> tuple[str, dict
     return ("torch", {fast: reason}) if reason else (fast, {})
 
 
-def kept_tensors(backend: str, K: int, N: int, bits: int, group_size: int, *, dtype: torch.dtype,
-                 symmetric: bool = True, act_order: bool = False, bias: bool = True) -> dict:
-    """name -> (shape, dtype) of the buffers a QuantLinear keeps with `backend` (the one chosen, not "auto"), for
-    memory estimates without building one. Assumes g_idx of equal contiguous groups (the torch backend also keeps
-    row_group [K] int64 otherwise)."""
-    group = K if group_size == -1 else group_size
-    G = -(-K // group)
-    kept = {"perm": ((K,), torch.int64)} if act_order and G > 1 else {}  # one group needs no sorting
-    if bias:
-        kept["bias"] = ((N,), dtype)
-    if backend in ("torch", "triton"):
-        kept["qweight"] = ((K * bits // 32, N), torch.int32)
-        kept["scales"] = ((G, N), dtype)
-        if not symmetric:
-            kept["zeros"] = ((G, N), dtype)
-        return kept
-    if backend != "cpu":
-        raise ValueError(f"kept_tensors needs a concrete backend, got {backend!r}")
-    if bits == 8 and G == 1:
-        kept["weight_int8"] = ((N, K), torch.int8)
-        kept["scales"] = ((N,), torch.int16)  # bf16 bits
-    else:
-        kernel_group = cpu_int4_group(group, K)
-        if kernel_group is None:
-            raise ValueError(f"the cpu backend cannot run group size {group_size} with in_features={K}")
-        nibbles = K if bits == 4 else 2 * K  # Int8 codes run as two Int4 halves
-        kept["weight_int4pack"] = ((N, nibbles // 2), torch.uint8)
-        kept["scales_and_zeros"] = ((nibbles // kernel_group, N, 2), torch.int16)  # bf16 bits
-    if bits == 8 and not symmetric:
-        kept["zero_scales"] = ((G, N), torch.int32)  # fp32 bits
-    return kept
-
-
 _LOGGED_CHOICES: set = set()
 
 
@@ -274,8 +249,24 @@ class QuantLinear(nn.Module):
         self.bits = w.bits
         self.group_size = group_size
         self.name = name
+        self._declared = self.declared_buffers(w.in_features, w.out_features, w.bits, group_size, dtype=dtype,
+                                               symmetric=w.symmetric, act_order=perm is not None,
+                                               bias=bias is not None, contiguous_groups=w.row_group is None)
         self._buffer("perm", perm)
         self._buffer("bias", None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def declared_buffers(cls, K: int, N: int, bits: int, group_size: int, *, dtype: torch.dtype,
+                         symmetric: bool = True, act_order: bool = False, bias: bool = True,
+                         contiguous_groups: bool = True) -> dict:
+        """name -> (shape, dtype) of every buffer this backend keeps for a [K -> N] layer: what the constructor
+        registers (it checks each against this) and what memory estimates count without building one.
+        act_order: g_idx is not in order (a perm is kept); contiguous_groups: sorted row k is in group k // group."""
+        G = -(-K // (K if group_size == -1 else group_size))
+        declared = {"perm": ((K,), torch.int64)} if act_order and G > 1 else {}  # one group needs no sorting
+        if bias:
+            declared["bias"] = ((N,), dtype)
+        return declared
 
     @classmethod
     def from_packed(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -306,11 +297,7 @@ class QuantLinear(nn.Module):
             reason = unsupported_reason(backend, w, device)
             if reason:
                 raise ValueError(f"{name or 'layer'}: backend {backend!r} cannot run this weight: {reason}")
-        if backend == "cpu":
-            impl = CpuInt4QuantLinear if w.bits == 4 else CpuInt8QuantLinear
-        else:
-            impl = TritonQuantLinear if backend == "triton" else TorchQuantLinear
-        return impl(w, perm, bias, dtype, group_size, name)
+        return backend_class(backend, w.bits)(w, perm, bias, dtype, group_size, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -343,6 +330,11 @@ class QuantLinear(nn.Module):
     def _buffer(self, name: str, tensor: Optional[torch.Tensor]) -> None:
         # Non-persistent: the layouts are backend- (even CPU-) specific, so state_dict() must not save them; a module
         # is always built from the checkpoint's tensors with from_packed. .to() still moves them.
+        declared = self._declared.get(name)
+        found = None if tensor is None else (tuple(tensor.shape), tensor.dtype)
+        if found != declared:
+            raise RuntimeError(f"{type(self).__name__} {self.name}: buffer {name} is {found}, but the backend "
+                               f"declares {declared}")
         self.register_buffer(name, tensor, persistent=False)
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
@@ -353,6 +345,20 @@ class TorchQuantLinear(QuantLinear):
     """Dequantize to fp32 on every call, then matmul in x's dtype: any device, any bits, any g_idx."""
 
     backend = "torch"
+
+    @classmethod
+    def declared_buffers(cls, K, N, bits, group_size, *, dtype, symmetric=True, act_order=False, bias=True,
+                         contiguous_groups=True) -> dict:
+        declared = super().declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=symmetric,
+                                            act_order=act_order, bias=bias, contiguous_groups=contiguous_groups)
+        G = -(-K // (K if group_size == -1 else group_size))
+        declared["qweight"] = ((K * bits // 32, N), torch.int32)
+        declared["scales"] = ((G, N), dtype)
+        if not symmetric:
+            declared["zeros"] = ((G, N), dtype)
+        if not contiguous_groups:
+            declared["row_group"] = ((K,), torch.int64)
+        return declared
 
     def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
         super().__init__(w, perm, bias, dtype, group_size, name)
@@ -508,6 +514,16 @@ class CpuInt4QuantLinear(QuantLinear):
 
     backend = "cpu"
 
+    @classmethod
+    def declared_buffers(cls, K, N, bits, group_size, *, dtype, symmetric=True, act_order=False, bias=True,
+                         contiguous_groups=True) -> dict:
+        declared = super().declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=symmetric,
+                                            act_order=act_order, bias=bias, contiguous_groups=contiguous_groups)
+        nibbles = K if bits == 4 else 2 * K  # Int8 codes run as two Int4 halves (CpuInt8QuantLinear)
+        declared["weight_int4pack"] = ((N, nibbles // 2), torch.uint8)
+        declared["scales_and_zeros"] = ((nibbles // _kernel_group(group_size, K), N, 2), torch.int16)  # bf16 bits
+        return declared
+
     def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
         super().__init__(w, perm, bias, dtype, group_size, name)
         K = w.in_features
@@ -559,6 +575,24 @@ class CpuInt8QuantLinear(QuantLinear):
     and 2.1 ms for dense bf16."""
 
     backend = "cpu"
+
+    @classmethod
+    def declared_buffers(cls, K, N, bits, group_size, *, dtype, symmetric=True, act_order=False, bias=True,
+                         contiguous_groups=True) -> dict:
+        G = -(-K // (K if group_size == -1 else group_size))
+        if G > 1:  # the int4pack buffers of the Int4 backend, over both halves
+            declared = CpuInt4QuantLinear.declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=symmetric,
+                                                           act_order=act_order, bias=bias,
+                                                           contiguous_groups=contiguous_groups)
+        else:
+            declared = QuantLinear.declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=symmetric,
+                                                    act_order=act_order, bias=bias,
+                                                    contiguous_groups=contiguous_groups)
+            declared["weight_int8"] = ((N, K), torch.int8)
+            declared["scales"] = ((N,), torch.int16)  # bf16 bits
+        if not symmetric:
+            declared["zero_scales"] = ((G, N), torch.int32)  # fp32 bits
+        return declared
 
     def __init__(self, w: SortedGptqWeight, perm, bias, dtype, group_size, name):
         super().__init__(w, perm, bias, dtype, group_size, name)
@@ -634,3 +668,21 @@ def _group_sums(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     if x.shape[1] < groups * group:
         x = torch.nn.functional.pad(x, (0, groups * group - x.shape[1]))
     return x.view(x.shape[0], groups, group).sum(-1)
+
+
+def backend_class(backend: str, bits: int) -> type:
+    """The QuantLinear subclass of a concrete backend (not "auto") for `bits`."""
+    if backend == "cpu":
+        return CpuInt4QuantLinear if bits == 4 else CpuInt8QuantLinear
+    classes = {"torch": TorchQuantLinear, "triton": TritonQuantLinear}
+    if backend not in classes:
+        raise ValueError(f"backend_class needs a concrete backend, got {backend!r}")
+    return classes[backend]
+
+
+def _kernel_group(group_size: int, K: int) -> int:
+    """cpu_int4_group for a checkpoint's group_size, which must have one."""
+    kernel_group = cpu_int4_group(K if group_size == -1 else group_size, K)
+    if kernel_group is None:
+        raise ValueError(f"the cpu backend cannot run group size {group_size} with in_features={K}")
+    return kernel_group

@@ -21,21 +21,22 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import (QUANTIZED_LINEARS, WeightReader, check_tensors, copy_side_files, fill_module,
-                         resolve_model_path, write_shards)
+from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, QUANTIZED_LINEARS,
+                     UNQUANTIZED, block_prefix, linear_shapes)
+from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
-from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, values_per_period
-from .plan import check_plan, plan_quantization, plan_totals, return_freed_tensors_to_os
+from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, valid_group_size, values_per_period
+from .plan import (CHUNK_TOKENS, block_compute_dtype, check_plan, plan_quantization, plan_totals,
+                   return_freed_tensors_to_os)
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
 
 log = logging.getLogger("qwen_quant")
-TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 METHODS = ("gptq", "rtn")
-UNQUANTIZED = ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight")  # written as they are, in fp16
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -98,10 +99,9 @@ def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) 
     check_bits(bits)
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
-    if group_size != -1 and group_size <= 0:
+    if not valid_group_size(group_size):
         raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
-    for name, k in (("attn.c_attn", config.hidden_size), ("attn.c_proj", config.hidden_size),
-                    ("mlp.w1", config.hidden_size), ("mlp.w2", config.hidden_size), ("mlp.c_proj", config.ffn_size)):
+    for name, (k, _, _) in linear_shapes(config).items():
         if k % values_per_period(bits)[0]:
             raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {values_per_period(bits)[0]}")
 
@@ -112,11 +112,12 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
-             on_block: Optional[Callable[[BlockReport], None]] = None,
+             on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None,
              asym_calibration: float = 0.0, group_act_order: bool = False) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
+    hub: where a published name is downloaded from (checkpoint.resolve_model_path).
     asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
     full-precision model's activations are carried beside the quantized model's (twice the activation memory).
     group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
@@ -125,7 +126,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     and, during the call only, the quantizer's results.
     """
     start = time.time()
-    folder = resolve_model_path(model_path)
+    folder = resolve_model_path(model_path, hub)
     config = QwenConfig.from_file(folder)
     if config.quantization_config is not None:
         raise ValueError(f"{folder} is already quantized ({config.quantization_config.bits}-bit)")
@@ -182,7 +183,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
-        prefix = f"transformer.h.{i}."
+        prefix = block_prefix(i)
         timings = BlockReport(i)
         block_start, block_cpu = clock(device), time.process_time()
         with torch.device("meta"):
@@ -261,31 +262,16 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
                          f"model's vocabulary of {config.vocab_size}")
-    wte = reader.get("transformer.wte.weight")
+    wte = reader.get(EMBEDDING)
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
     if not torch.isfinite(hidden).all():
-        raise ValueError("calibration embeddings contain NaN or inf (transformer.wte.weight is not finite)")
+        raise ValueError(f"calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
-
-
-CHUNK_TOKENS = 2048  # rows per forward step: bounds the temporary memory of a stage (fp32 on the CPU)
 
 
 def chunks(n_samples: int, seqlen: int):
     step = max(1, CHUNK_TOKENS // seqlen)
     return [slice(s, min(s + step, n_samples)) for s in range(0, n_samples, step)]
-
-
-def block_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a block's weights and arithmetic while it is quantized; activations are kept in `dtype`.
-
-    A CPU without bf16 instructions (AVX512-BF16 or AMX) multiplies bf16 matrices several times slower than fp32
-    (6.6x on AVX2 at 2048 x 2048 x 5504), so there the block computes in fp32.
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16 and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.float32
-    return dtype
 
 
 def run_stage(block: Block, stage: int, hidden: torch.Tensor, scratch: torch.Tensor, s: slice, rope) -> torch.Tensor:
@@ -418,7 +404,7 @@ def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: QuantConfig, dtype) -> None:
     """Put the exported weight back, decoded from the very tensors written, so a resumed run computes the same."""
-    w = dequantize(*(tensors[f"{name}.{t}"] for t in ("qweight", "qzeros", "scales", "g_idx")), quant.bits,
+    w = dequantize(*(tensors[f"{name}.{t}"] for t in GPTQ_PACKED), quant.bits,
                    quant.checkpoint_format)
     linear.weight = torch.nn.Parameter(w.to(device=linear.weight.device, dtype=dtype), requires_grad=False)
     if linear.bias is not None:
@@ -427,17 +413,17 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
 
 def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield "transformer.wte.weight", to_fp16(reader.get("transformer.wte.weight"), "transformer.wte.weight")
+    yield EMBEDDING, to_fp16(reader.get(EMBEDDING), EMBEDDING)
     for i in range(config.num_hidden_layers):
         saved = load_file(work.block_file(i))
-        prefix = f"transformer.h.{i}."
-        yield prefix + "ln_1.weight", saved[prefix + "ln_1.weight"]
-        yield prefix + "ln_2.weight", saved[prefix + "ln_2.weight"]
+        prefix = block_prefix(i)
+        for norm in BLOCK_NORMS:
+            yield f"{prefix}{norm}.weight", saved[f"{prefix}{norm}.weight"]
         for path in QUANTIZED_LINEARS:
-            for t in TENSORS:
+            for t in GPTQ_TENSORS:
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
-    yield "transformer.ln_f.weight", to_fp16(reader.get("transformer.ln_f.weight"), "transformer.ln_f.weight")
-    yield "lm_head.weight", to_fp16(reader.get("lm_head.weight"), "lm_head.weight")
+    for name in (FINAL_NORM, LM_HEAD):
+        yield name, to_fp16(reader.get(name), name)
 
 
 def summary_table(report: QuantizeReport, worst: int = 8) -> str:

@@ -6,40 +6,36 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import QUANTIZED_LINEARS, write_shards
+from .checkpoint import write_shards
 from .config import QuantConfig, QwenConfig
 from .gptq import num_groups
+from .layout import EMBEDDING, FINAL_NORM, LM_HEAD, QUANTIZED_LINEARS, block_prefix, linear_shapes
 from .packing import pack_qweight, pack_qzeros
 
 
-def tiny_config(**overrides) -> QwenConfig:
-    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
-                  intermediate_size=256, seq_length=64, max_position_embeddings=512, torch_dtype="float32")
-    fields.update(overrides)
-    return QwenConfig(**fields)
+# Each norm is written just before the first linear it feeds, as in Qwen's files.
+NORM_BEFORE = {"attn.c_attn": "ln_1", "mlp.w1": "ln_2"}
 
 
 def random_tensors(config: QwenConfig, dtype: torch.dtype, seed: int = 0) -> Iterator:
     """(name, tensor) in checkpoint order, one at a time, so a large checkpoint never sits in memory whole."""
     g = torch.Generator().manual_seed(seed)
-    h, ff, V = config.hidden_size, config.ffn_size, config.vocab_size
+    h, V = config.hidden_size, config.vocab_size
 
     def rand(*shape, std=0.02):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
 
-    yield "transformer.wte.weight", rand(V, h, std=1.0)
+    yield EMBEDDING, rand(V, h, std=1.0)
     for i in range(config.num_hidden_layers):
-        p = f"transformer.h.{i}."
-        yield p + "ln_1.weight", (1 + rand(h, std=0.1).float()).to(dtype)
-        yield p + "attn.c_attn.weight", rand(3 * h, h, std=h**-0.5)
-        yield p + "attn.c_attn.bias", rand(3 * h, std=0.1)
-        yield p + "attn.c_proj.weight", rand(h, h, std=h**-0.5)
-        yield p + "ln_2.weight", (1 + rand(h, std=0.1).float()).to(dtype)
-        yield p + "mlp.w1.weight", rand(ff, h, std=h**-0.5)
-        yield p + "mlp.w2.weight", rand(ff, h, std=h**-0.5)
-        yield p + "mlp.c_proj.weight", rand(h, ff, std=ff**-0.5)
-    yield "transformer.ln_f.weight", torch.ones(h, dtype=dtype)
-    yield "lm_head.weight", rand(V, h, std=h**-0.5)
+        p = block_prefix(i)
+        for path, (k, n, bias) in linear_shapes(config).items():
+            if path in NORM_BEFORE:
+                yield p + NORM_BEFORE[path] + ".weight", (1 + rand(h, std=0.1).float()).to(dtype)
+            yield p + path + ".weight", rand(n, k, std=k**-0.5)
+            if bias:
+                yield p + path + ".bias", rand(n, std=0.1)
+    yield FINAL_NORM, torch.ones(h, dtype=dtype)
+    yield LM_HEAD, rand(V, h, std=h**-0.5)
 
 
 def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -54,6 +50,24 @@ def save_random_checkpoint(folder, config: QwenConfig, dtype: torch.dtype = torc
     return folder
 
 
+def random_gptq(K: int, N: int, bits: int, group_size: int, *, generator: torch.Generator, symmetric: bool = True,
+                act_order: bool = False, lowest_zero: int = 1) -> tuple:
+    """A random GPTQ layer as a quantizer makes one, drawn in this order from generator: codes q int32 [K, N]; true
+    zero points int32 [G, N], 2^(bits-1) when symmetric, else drawn from lowest_zero up (v1 files cannot store 0);
+    scale draws float32 [G, N], uniform in [0, 1), for the caller to put at its layer's scale; and g_idx int32 [K],
+    k // group, shuffled for act_order. G = ceil(K / group): the last group is shorter when the size does not divide K."""
+    group = K if group_size == -1 else group_size
+    G = num_groups(K, group)
+    codes = torch.randint(0, 2**bits, (K, N), generator=generator, dtype=torch.int32)
+    zeros = (torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32) if symmetric
+             else torch.randint(lowest_zero, 2**bits, (G, N), generator=generator, dtype=torch.int32))
+    scale_draws = torch.rand(G, N, generator=generator)
+    g_idx = torch.arange(K, dtype=torch.int32) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=generator)]
+    return codes, zeros, scale_draws, g_idx
+
+
 def random_quantized_tensors(config: QwenConfig, quant: QuantConfig, seed: int = 0) -> Iterator:
     """A random checkpoint in the published GPTQ layout: random codes, fp16 scales at the scale of a real layer."""
     g = torch.Generator().manual_seed(seed)
@@ -63,15 +77,12 @@ def random_quantized_tensors(config: QwenConfig, quant: QuantConfig, seed: int =
             yield name, tensor
         else:
             n, k = tensor.shape
-            group = quant.group_size if quant.group_size > 0 else k
-            groups = num_groups(k, group)
-            codes = torch.randint(0, 2**quant.bits, (k, n), generator=g, dtype=torch.int32)
-            zeros = torch.full((groups, n), 2 ** (quant.bits - 1), dtype=torch.int32) if quant.sym else \
-                torch.randint(1, 2**quant.bits, (groups, n), generator=g, dtype=torch.int32)
+            codes, zeros, scale_draws, g_idx = random_gptq(k, n, quant.bits, quant.group_size, generator=g,
+                                                           symmetric=quant.sym)
             yield owner + ".qweight", pack_qweight(codes, quant.bits)
             yield owner + ".qzeros", pack_qzeros(zeros, quant.bits, quant.checkpoint_format)
-            yield owner + ".scales", (torch.rand(groups, n, generator=g) * 2 * k**-0.5 / 2**quant.bits).half()
-            yield owner + ".g_idx", (torch.arange(k, dtype=torch.int32) // group)
+            yield owner + ".scales", (scale_draws * 2 * k**-0.5 / 2**quant.bits).half()
+            yield owner + ".g_idx", g_idx
             if not owner.endswith("c_attn"):  # the published files carry a zero bias on the bias-free linears
                 yield owner + ".bias", torch.zeros(n, dtype=torch.float16)
 

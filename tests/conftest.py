@@ -6,21 +6,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks and the tests build SmolLM2-135M with one helper
-from common import smollm2_dir as build_smollm2  # noqa: E402
-
-
-def shared_data_dir() -> Path:
-    """The team's real data (../shared/data beside the checkout, or $QWEN_QUANT_DATA). Missing data fails, never skips."""
-    root = Path(os.environ.get("QWEN_QUANT_DATA", REPO.parent / "shared" / "data"))
-    if not (root / "stories260k_qwen" / "config.json").is_file():
-        pytest.fail(f"shared data not found at {root}: set QWEN_QUANT_DATA to the folder holding stories260k_qwen/, "
-                    "qwen_tiktoken/, wikitext2/", pytrace=False)
-    return root
+from common import shared_data_dir, smollm2_dir as build_smollm2  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return shared_data_dir()
+    """The team's real data (../shared/data beside the checkout, or $QWEN_QUANT_DATA). Missing data fails, never skips."""
+    try:
+        return shared_data_dir()
+    except SystemExit as missing:
+        pytest.fail(str(missing), pytrace=False)
 
 
 @pytest.fixture(scope="session")

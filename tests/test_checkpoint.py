@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import sys
 
@@ -9,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from qwen_quant import QwenConfig, QwenForCausalLM
 from qwen_quant.checkpoint import WeightReader, resolve_model_path, write_shards
 from qwen_quant.published import SIZES, find_published
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from tiny_model import tiny_config
 
 
 @pytest.fixture
@@ -171,3 +173,21 @@ def test_write_single_file_of_mixed_dtypes(tmp_path):
     write_shards(iter(tensors.items()), tmp_path)
     loaded = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_cli_hub_choice_reaches_the_resolution_without_the_environment(monkeypatch, tmp_path, checkpoint, capsys):
+    import shutil
+
+    import numpy as np
+
+    from qwen_quant.cli import main
+
+    cached = tmp_path / "modelscope" / "models" / "Qwen" / "Qwen-1_8B-Chat"
+    shutil.copytree(checkpoint, cached)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
+    monkeypatch.delenv("QWEN_QUANT_HUB", raising=False)
+    np.save(tmp_path / "ids.npy", np.arange(64) % 512)
+    assert main(["eval", "Qwen-1.8B-Chat", "--hub", "modelscope", "--dataset", str(tmp_path / "ids.npy"),
+                 "--seqlen", "16"]) == 0
+    assert "Qwen-1.8B-Chat: perplexity" in capsys.readouterr().out
+    assert "QWEN_QUANT_HUB" not in os.environ

@@ -5,7 +5,8 @@ import torch
 from qwen_quant import QwenForCausalLM, QwenTokenizer
 from qwen_quant.cli import main
 from qwen_quant.evaluate import load_eval_tokens, perplexity
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from tiny_model import tiny_config
 
 
 def test_wikitext_local_file_token_count(data_dir, tiktoken_file):

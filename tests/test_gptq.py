@@ -3,7 +3,6 @@ import warnings
 import pytest
 import torch
 
-from qwen_quant import packing
 from qwen_quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, grid_params, rtn_quantize
 
 K, N = 256, 64
@@ -287,18 +286,6 @@ def test_bad_inputs_are_named():
         gptq_quantize(weight, torch.zeros(K, K), 4, 32, name="lin")
     with pytest.raises(ValueError, match=r"lin: damp_percent must be in \[0, 1\]"):
         gptq_quantize(weight, hessian, 4, 32, damp_percent=-0.1, name="lin")
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_round_trips_gptq_output(bits):
-    weight, hessian = correlated_layer(10)
-    result = gptq_quantize(weight, hessian, bits, 32, sym=True, desc_act=True, mse=True)
-    qweight = packing.pack_qweight(result.codes.t(), bits)
-    qzeros = packing.pack_qzeros(result.zeros, bits, "gptq")
-    assert qweight.shape == (K * bits // 32, N) and qzeros.shape == (K // 32, N * bits // 32)
-    assert torch.equal(packing.unpack_qweight(qweight, bits), result.codes.t())
-    assert torch.equal(packing.unpack_qzeros(qzeros, bits, "gptq"), result.zeros)
-    assert torch.equal(packing.dequantize(qweight, qzeros, result.scales, result.g_idx, bits), result.dequantize())
 
 
 def group_aware_order(importance: torch.Tensor, group: int) -> list:

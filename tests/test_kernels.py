@@ -5,7 +5,7 @@ heuristic does not pick (split-K, per-element scales, the GPU block shapes)."""
 import pytest
 import torch
 
-from qwen_quant import packing
+from qwen_quant import packing, synthetic
 from qwen_quant.kernels import gptq_matmul as gm
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -13,19 +13,10 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 def random_gptq(K, N, bits, group_size, symmetric, act_order, seed):
     """Codes q [K, N], true zeros [G, N], fp16 scales [G, N] and g_idx [K] as a GPTQ quantizer would make them."""
-    gen = torch.Generator().manual_seed(seed)
-    group = K if group_size == -1 else group_size
-    G = -(-K // group)
-    q = torch.randint(0, 2 ** bits, (K, N), generator=gen, dtype=torch.int32)
-    if symmetric:
-        zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 2 ** bits, (G, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).half()
-    g_idx = torch.arange(K) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=gen)]
-    return q, zeros, scales, g_idx
+    q, zeros, scale_draws, g_idx = synthetic.random_gptq(K, N, bits, group_size, symmetric=symmetric,
+                                                         act_order=act_order, lowest_zero=0,
+                                                         generator=torch.Generator().manual_seed(seed))
+    return q, zeros, (scale_draws * 0.02 + 0.002).half(), g_idx.long()
 
 
 def reference(x, q, zeros, scales, g_idx, bias):

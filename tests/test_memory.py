@@ -4,11 +4,13 @@ import torch
 from qwen_quant import QwenForCausalLM
 from qwen_quant.checkpoint import write_shards
 from qwen_quant.config import QuantConfig
-from qwen_quant.memory import (EMBEDDING, GIB, KV_CACHE, LM_HEAD, TENSOR_TERMS, block_linears, estimate_memory,
+from qwen_quant.layout import linear_shapes
+from qwen_quant.memory import (EMBEDDING, GIB, KV_CACHE, LM_HEAD, TENSOR_TERMS, estimate_memory,
                                estimate_published, measure_loaded_bytes, measure_peak_bytes, memory_report,
                                published_table)
 from qwen_quant.packing import pack_qzeros
-from qwen_quant.synthetic import random_tensors, save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import random_tensors, save_random_checkpoint
+from tiny_model import tiny_config
 
 GROUP = 128
 NEW_TOKENS = 5
@@ -30,7 +32,7 @@ def save_quantized_checkpoint(folder, bits: int):
     config.save(folder)
     g = torch.Generator().manual_seed(bits)
     quantized = {f"transformer.h.{i}.{name}.weight": (K, N) for i in range(config.num_hidden_layers)
-                 for name, K, N, _ in block_linears(config)}
+                 for name, (K, N, _) in linear_shapes(config).items()}
 
     def tensors():
         for name, tensor in random_tensors(config, torch.float16):
@@ -105,7 +107,7 @@ def test_quantized_linears_keep_only_what_the_kernels_need():
     config = small_config()
     estimate = estimate_memory(config, bits=4, tokens=NEW_TOKENS, device="cpu", backend="triton")
     L, kept = config.num_hidden_layers, 0
-    for _, K, N, _ in block_linears(config):
+    for K, N, _ in linear_shapes(config).values():
         kept += L * (K * N // 2 + (K // GROUP) * N * 2 + N * 2)  # int4 qweight, activation-dtype scales and bias
     assert estimate.terms["linear weights"] + estimate.terms["scales, zeros, g_idx, biases"] == kept
     assert set(estimate.not_kept) == {"qzeros", "g_idx"}

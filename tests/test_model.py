@@ -7,8 +7,9 @@ import torch
 
 from qwen_quant import QwenForCausalLM
 from qwen_quant.config import REAL_VOCAB
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
 from qwen_quant.tok512 import decode_tok512
+from tiny_model import tiny_config
 
 
 def test_stories_greedy_reproduces_model_card_text(stories_dir):

@@ -7,7 +7,8 @@ import torch
 
 from qwen_quant.cli import main
 from qwen_quant.plan import check_plan, plan_quantization
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from tiny_model import tiny_config
 
 GIB = 2**30
 # The modules (the package exports a function named quantize).

@@ -5,8 +5,7 @@ import logging
 import pytest
 import torch
 
-from qwen_quant import packing
-from qwen_quant import qlinear
+from qwen_quant import packing, qlinear, synthetic
 from qwen_quant.qlinear import QuantLinear
 
 BF16_TOLERANCE = 1e-2  # the cpu backend computes with bf16 activations, scales and zeros
@@ -18,16 +17,11 @@ class Layer:
     def __init__(self, K, N, bits, group_size, *, symmetric=True, act_order=False, checkpoint_format="gptq",
                  bias=True, seed=0):
         gen = torch.Generator().manual_seed(seed)
-        group = K if group_size == -1 else group_size
-        G = -(-K // group)
         self.K, self.N, self.bits, self.group_size, self.format = K, N, bits, group_size, checkpoint_format
-        self.q = torch.randint(0, 2 ** bits, (K, N), generator=gen, dtype=torch.int32)
         lowest = 1 if checkpoint_format == "gptq" else 0  # v1 stores zero - 1, so it cannot hold a zero of 0
-        self.zeros = (torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32) if symmetric
-                      else torch.randint(lowest, 2 ** bits, (G, N), generator=gen, dtype=torch.int32))
-        self.scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).half()
-        g_idx = torch.arange(K) // group
-        self.g_idx = (g_idx[torch.randperm(K, generator=gen)] if act_order else g_idx).int()
+        self.q, self.zeros, scale_draws, self.g_idx = synthetic.random_gptq(
+            K, N, bits, group_size, symmetric=symmetric, act_order=act_order, lowest_zero=lowest, generator=gen)
+        self.scales = (scale_draws * 0.02 + 0.002).half()
         self.bias = torch.randn(N, generator=gen).half() if bias else None
 
     def packed(self):
@@ -213,12 +207,25 @@ def test_memory_bytes_counts_what_the_backend_keeps():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [64, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_kept_tensors_describes_the_buffers(backend, bits, group_size, symmetric):
-    layer = Layer(512, 48, bits, group_size, symmetric=symmetric, act_order=not symmetric)
-    module = layer.build(backend, dtype=torch.float16)
+def test_a_backend_keeps_the_buffers_it_declares(backend, bits, group_size, symmetric):
+    # 528 inputs in groups of 64: a ragged last group of 16, which the cpu kernels cannot run.
+    for K in (512, 528) if backend != "cpu" else (512,):
+        layer = Layer(K, 48, bits, group_size, symmetric=symmetric, act_order=not symmetric)
+        module = layer.build(backend, dtype=torch.float16)
+        buffers = {name: (tuple(t.shape), t.dtype) for name, t in module.named_buffers()}
+        assert buffers == type(module).declared_buffers(K, 48, bits, group_size, dtype=torch.float16,
+                                                        symmetric=symmetric, act_order=not symmetric, bias=True)
+
+
+def test_the_torch_backend_declares_the_row_groups_it_keeps():
+    # 240 inputs in groups of 64 whose short group comes first: not k // 64, so each row's group is kept.
+    layer = Layer(240, 32, 4, 64)
+    layer.g_idx = torch.cat([torch.zeros(48), torch.arange(1, 4).repeat_interleave(64)]).int()
+    module = layer.build("torch", dtype=torch.float16)
     buffers = {name: (tuple(t.shape), t.dtype) for name, t in module.named_buffers()}
-    assert buffers == qlinear.kept_tensors(backend, 512, 48, bits, group_size, dtype=torch.float16,
-                                           symmetric=symmetric, act_order=not symmetric, bias=True)
+    assert buffers == qlinear.TorchQuantLinear.declared_buffers(240, 32, 4, 64, dtype=torch.float16,
+                                                                contiguous_groups=False)
+    assert "row_group" in buffers
 
 
 def test_backend_layouts_stay_out_of_state_dict():
@@ -276,14 +283,6 @@ def test_error_messages_name_the_layer_and_tensor():
         build(layer, backend="gpu")
     with pytest.raises(ValueError, match=rf"{NAME}: backend 'triton' cannot run this weight: .* not 2"):
         build(Layer(256, 64, 2, 128), backend="triton")
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_round_trips(bits):
-    codes = torch.randint(0, 2 ** bits, (96, 40), dtype=torch.int32)
-    packed = packing.pack_qweight(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (96 * bits // 32, 40)
-    assert torch.equal(packing.unpack_qweight(packed, bits), codes)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

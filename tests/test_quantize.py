@@ -5,22 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_quant.checkpoint import load_dequantized
 from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
+from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from test_packing import unpack_reference
+from tiny_model import tiny_config
 
 FP_PERPLEXITY = 5.667345  # stories260k_qwen model card, 256-token windows
-
-
-def unpack_reference(words: torch.Tensor, bits: int, count: int) -> list[int]:
-    """Read `count` values of `bits` bits from int32 words as one little-endian bit stream (written here, apart
-    from the project's packer)."""
-    stream = 0
-    for i, w in enumerate(words.tolist()):
-        stream |= (w & 0xFFFFFFFF) << (32 * i)
-    return [(stream >> (bits * j)) & ((1 << bits) - 1) for j in range(count)]
 
 
 @pytest.fixture(scope="module")

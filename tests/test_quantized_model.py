@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import load_dequantized
+from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import random_tensors, save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import random_tensors, save_random_checkpoint
+from tiny_model import tiny_config
 
 BACKENDS = ("torch", "cpu", "triton")
 

@@ -23,7 +23,8 @@ from qwen_quant.checkpoint import INDEX_NAME, WeightReader, read_safetensors_hea
 from qwen_quant.cli import main
 from qwen_quant.output_folder import WorkFolder
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import random_tensors, save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import random_tensors, save_random_checkpoint
+from tiny_model import tiny_config
 
 quantize_module = importlib.import_module("qwen_quant.quantize")
 SECRET = "TOP-SECRET-CONTENT"

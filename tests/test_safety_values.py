@@ -12,13 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from qwen_quant import cli
 from qwen_quant.calibration import get_calibration_data
-from qwen_quant.checkpoint import load_dequantized, load_model
 from qwen_quant.config import QuantConfig, QwenConfig
 from qwen_quant.evaluate import load_eval_tokens, perplexity
 from qwen_quant.gptq import gptq_quantize
 from qwen_quant.memory import estimate_memory
+from qwen_quant.model import load_dequantized, load_model
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import save_random_checkpoint, save_random_quantized_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint, save_random_quantized_checkpoint
+from tiny_model import tiny_config
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

@@ -9,7 +9,8 @@ import torch
 from qwen_quant import QwenForCausalLM
 from qwen_quant.checkpoint import copy_side_files
 from qwen_quant.quantize import quantize, summary_table
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
+from tiny_model import tiny_config
 
 AUTO_MAP = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
 SIDE = ["configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py",

@@ -9,8 +9,9 @@ from common import smollm2_dir as build_smollm2
 from qwen_quant import QwenForCausalLM, cli
 from qwen_quant.calibration import get_calibration_data
 from qwen_quant.quantize import quantize
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
 from qwen_quant.tokenizer import JsonTokenizer, QwenTokenizer, build_chat_input, encode_chatml, load_tokenizer
+from tiny_model import tiny_config
 
 QUESTION = "What is the capital of France?"
 # The model card's ChatML prompt for QUESTION, without a system turn (README of the shared data).

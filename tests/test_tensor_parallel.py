@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from qwen_quant import QwenForCausalLM
-from qwen_quant.checkpoint import QUANTIZED_LINEARS, WeightReader, load_dequantized
+from qwen_quant.checkpoint import WeightReader
 from qwen_quant.cli import main
+from qwen_quant.layout import QUANTIZED_LINEARS
+from qwen_quant.model import load_dequantized
 from qwen_quant.packing import dequantize
 from qwen_quant.quantize import quantize, summary_table
-from qwen_quant.synthetic import save_random_checkpoint, tiny_config
+from qwen_quant.synthetic import save_random_checkpoint
 from qwen_quant.tensor_parallel import largest_tp, pad_mlp, padded_ffn
+from tiny_model import tiny_config
 
 BACKENDS = ("torch", "cpu", "triton")
 WIDE = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=27392, num_hidden_layers=2, vocab_size=512)

@@ -1,0 +1,147 @@
+"""Putting a checkpoint's tensors into a model: the names and shapes checked against the config before any work,
+the quantized linears swapped for QuantLinear (or decoded back to dense weights), everything else filled in place.
+
+The caller builds the model (on the meta device, so loading needs about one copy of the weights) and passes it in:
+this module reads files through `checkpoint` and never imports `model`.
+"""
+from typing import Optional
+
+import torch
+
+from .checkpoint import WeightReader, resolve_model_path
+from .config import QwenConfig
+from .layout import (BLOCK_NORMS, BLOCK_TENSOR, EMBEDDING, FINAL_NORM, GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED,
+                     LM_HEAD, QUANTIZED_LINEARS, block_prefix, linear_shapes)
+from .qlinear import QuantLinear, validate_and_sort
+
+
+def open_checkpoint(path_or_name, allow_pickle: bool = False) -> tuple[QwenConfig, WeightReader]:
+    """The config and weights of a folder or published name, the tensors' names and shapes already checked."""
+    folder = resolve_model_path(path_or_name)
+    config = QwenConfig.from_file(folder)
+    reader = WeightReader(folder, allow_pickle=allow_pickle)
+    check_tensors(reader, config)
+    return config, reader
+
+
+def block_tensor_shapes(config: QwenConfig) -> tuple[dict, set]:
+    """(name inside a block -> shape, or None where the packing decides it; names a block may leave out)."""
+    h = config.hidden_size
+    shapes = {f"{norm}.weight": (h,) for norm in BLOCK_NORMS}
+    optional = set()
+    for path, (k, n, bias) in linear_shapes(config).items():
+        if config.quantization_config is not None:  # packed shapes are checked where the packing is known (qlinear)
+            shapes.update({f"{path}.{t}": None for t in GPTQ_REQUIRED})
+            optional |= {f"{path}.{t}" for t in GPTQ_OPTIONAL}
+            continue
+        shapes[f"{path}.weight"] = (n, k)
+        if bias:
+            shapes[f"{path}.bias"] = (n,)
+    return shapes, optional
+
+
+def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
+    """The checkpoint's tensor names and shapes (from the headers: nothing is read) against the ones the config
+    implies, before any model is built: a block more or less, or a vocabulary the embedding lacks, is an error."""
+    block, optional = block_tensor_shapes(config)
+    h, vocab = config.hidden_size, config.vocab_size
+    top = {EMBEDDING: (vocab, h), FINAL_NORM: (h,), LM_HEAD: (vocab, h)}
+    layers = config.num_hidden_layers
+    unexpected, blocks = [], set()
+    for name in reader.names():
+        match = BLOCK_TENSOR.fullmatch(name)
+        if match and int(match[1]) < layers and (match[2] in block or match[2] in optional):
+            blocks.add(int(match[1]))
+        elif name not in top:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in the checkpoint in {reader.folder} (its config.json has "
+                         f"num_hidden_layers {layers}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    missing_block = next((i for i in range(layers) if i not in blocks), None)
+    if missing_block is not None:
+        raise KeyError(f"tensor {block_prefix(missing_block)}ln_1.weight is missing from the checkpoint in "
+                       f"{reader.folder}: config.json has num_hidden_layers {layers}, the checkpoint "
+                       f"{len(blocks)} block(s)")
+    expected = dict(top)
+    for i in range(layers):
+        expected.update({block_prefix(i) + name: shape for name, shape in block.items()})
+    for name, shape in expected.items():
+        if name not in reader:
+            raise KeyError(f"tensor {name} is missing from the checkpoint in {reader.folder}")
+        if shape is not None and reader.shape(name) != shape:
+            raise ValueError(f"tensor {name} has shape {list(reader.shape(name))}, the config needs {list(shape)}")
+
+
+def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtype, device) -> None:
+    """Replace module's meta parameters with the checkpoint's tensors, converted one at a time. Names and shapes
+    were checked by check_tensors; a float weight stored as integers is caught here, where it is read."""
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:  # filled already (the dense linears of load_dequantized_weights)
+            continue
+        full = prefix + name
+        tensor = reader.get(full)
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
+                             "float weight: the checkpoint is corrupt")
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        setattr(target, leaf, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+
+
+def default_dtype(config: QwenConfig, quantized: bool, device) -> torch.dtype:
+    """The activation dtype when none is asked for: the config's for a dense model; for a quantized one fp16 on CUDA
+    (the Triton kernels' dtype) and bf16 elsewhere (the cpu kernels')."""
+    if not quantized:
+        return config.dtype
+    return torch.float16 if torch.device(device or "cpu").type == "cuda" else torch.bfloat16
+
+
+def load_weights(model: torch.nn.Module, reader: WeightReader, dtype: Optional[torch.dtype] = None, device=None,
+                 backend: str = "auto") -> torch.nn.Module:
+    """Fill `model` (a QwenForCausalLM built on the meta device from the checkpoint's config) from `reader`; a
+    quantized checkpoint's linears become QuantLinear layers with `backend`. Returns the model in eval mode."""
+    quant = model.config.quantization_config
+    dtype = dtype or default_dtype(model.config, quant is not None, device)
+    device = torch.device(device or "cpu")
+    if quant is not None:
+        for i, block in enumerate(model.blocks):
+            for path in QUANTIZED_LINEARS:
+                owner, _, leaf = path.rpartition(".")
+                name = block_prefix(i) + path
+                dense = block.get_submodule(path)
+                setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
+                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED),
+                    reader.get(f"{name}.bias") if f"{name}.bias" in reader else None,
+                    bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
+                    backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
+                    out_features=dense.out_features, sym=quant.sym, desc_act=quant.desc_act))
+    fill_module(model, reader, "", dtype, device)
+    return model.eval()
+
+
+def load_dequantized_weights(model: torch.nn.Module, reader: WeightReader, dtype=torch.float32,
+                             device=None) -> torch.nn.Module:
+    """Fill `model` (built on the meta device from a quantized checkpoint's config) with every quantized linear's
+    weight decoded back to dtype: the reference the quantized runtime is tested against, and how quantization
+    quality is measured."""
+    quant = model.config.quantization_config
+    if quant is None:
+        raise ValueError(f"{reader.folder} is not a quantized checkpoint (config.json has no quantization_config)")
+    for i, block in enumerate(model.blocks):
+        for path in QUANTIZED_LINEARS:
+            name = block_prefix(i) + path
+            linear = block.get_submodule(path)
+            packed = [reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED]
+            bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
+            # The same checks as load_weights' (shapes, finite scales, zero points against sym), then the weight
+            # the sorted tensors describe, back in the checkpoint's input order.
+            sorted_weight, perm = validate_and_sort(
+                *packed, bias, bits=quant.bits, group_size=quant.group_size,
+                checkpoint_format=quant.checkpoint_format, in_features=linear.in_features,
+                out_features=linear.out_features, name=name, sym=quant.sym, desc_act=quant.desc_act)
+            w = sorted_weight.dequantize(perm)
+            linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+            linear.bias = None if bias is None else torch.nn.Parameter(bias.to(device=device, dtype=dtype),
+                                                                       requires_grad=False)
+    fill_module(model, reader, "", dtype, device)
+    return model.eval()
