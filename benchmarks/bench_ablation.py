@@ -26,19 +26,16 @@ from qwen_quant.quantize import quantize
 
 # Each option is a set of quantize() arguments on top of GPTQ's defaults.
 OPTIONS = {
-    "textbook": dict(mse=False),
-    "default": dict(),
-    "act-order": dict(desc_act=True, static_groups=True),
+    "textbook": dict(mse=False, group_act_order=False),  # GPTQ as published: min/max grid, columns in order
+    "clipped": dict(group_act_order=False),  # + the clipped (MSE) grid: the default before group act-order
+    "default": dict(),  # + group act-order (on by default where a group size is set)
+    "act-order": dict(desc_act=True, static_groups=True),  # column act-order with static groups, instead
+    "damp0.05": dict(damp_percent=0.05),
     "asym0.25": dict(asym_calibration=0.25),
     "asym0.5": dict(asym_calibration=0.5),
     "asym1": dict(asym_calibration=1.0),
-    "act-order+asym0.25": dict(desc_act=True, static_groups=True, asym_calibration=0.25),
-    "act-order+asym0.5": dict(desc_act=True, static_groups=True, asym_calibration=0.5),
-    "damp0.1": dict(damp_percent=0.1),
-    "damp0.05": dict(damp_percent=0.05),
-    "group-act": dict(group_act_order=True),
-    "group-act+asym0.25": dict(group_act_order=True, asym_calibration=0.25),
-    "group-act+asym0.5": dict(group_act_order=True, asym_calibration=0.5),
+    "scaling": dict(input_scaling=True),
+    "scaling+asym0.5": dict(input_scaling=True, asym_calibration=0.5),
 }
 MODELS = {
     # name: (calibration file, calibration seqlen, default nsamples, eval file, eval seqlen, default settings)
@@ -54,7 +51,7 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--model", choices=sorted(MODELS), default="stories")
     parser.add_argument("--settings", default=None, help="bits:group,... (default: the model's ablation settings)")
-    parser.add_argument("--options", default="textbook,default,act-order,asym0.25", help=",".join(OPTIONS))
+    parser.add_argument("--options", default="textbook,clipped,default,asym0.5", help=",".join(OPTIONS))
     parser.add_argument("--nsamples", type=int, default=None)
     args = parser.parse_args()
     print(machine_line(machine()), flush=True)

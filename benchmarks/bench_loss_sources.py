@@ -1,8 +1,8 @@
 """Where a quantized model's perplexity loss comes from: the full-precision model with only some of its linears
 replaced by their quantized weights (dequantized), for two quantized folders side by side (e.g. GPTQ and RTN of the
-same settings), on SmolLM2-135M's first 12 windows of 2048 of eval_wikitext2_test_ids.npy.
+same settings), on SmolLM2-135M's first --windows (12) windows of 2048 of eval_wikitext2_test_ids.npy.
 
-    python benchmarks/bench_loss_sources.py FP_FOLDER GPTQ_FOLDER RTN_FOLDER [--json PATH]
+    python benchmarks/bench_loss_sources.py FP_FOLDER GPTQ_FOLDER RTN_FOLDER [--windows N] [--json PATH]
 
 Rows: every linear (the whole quantized model), one kind of linear at a time in every block, and every linear of a
 third of the blocks. "share of total" = the row's increase over full precision / the whole model's increase.
@@ -44,14 +44,15 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("fp")
     parser.add_argument("folders", nargs="+", help="quantized folders, e.g. GPTQ then RTN")
+    parser.add_argument("--windows", type=int, default=12)
     args = parser.parse_args()
     print(machine_line(machine()), flush=True)
     ids = torch.from_numpy(np.load(shared_data_dir() / "smollm2_135m" / "eval_wikitext2_test_ids.npy")
-                           .astype(np.int64))[:12 * 2048]
+                           .astype(np.int64))[:args.windows * 2048]
     model = QwenForCausalLM.from_pretrained(args.fp)
     reference = QwenForCausalLM.from_pretrained(args.fp)
     fp = perplexity(model, ids, seqlen=2048, progress=False).perplexity
-    print(f"full precision {fp:.4f}", flush=True)
+    print(f"full precision {fp:.4f} on {args.windows} windows of 2048", flush=True)
     rows = {name: {"row": name} for name in subsets(model.config.num_hidden_layers)}
     for k, folder in enumerate(args.folders):
         quantized = {"model": load_dequantized(folder), "fp_block": reference.blocks}
@@ -68,7 +69,7 @@ def main() -> None:
     print("\n".join(f"[{k}] {folder}" for k, folder in enumerate(args.folders)))
     print(table(list(rows.values()), columns))
     print(machine_line(machine()))
-    write_json(args.json, {"fp": fp, "folders": args.folders, "rows": list(rows.values())})
+    write_json(args.json, {"fp": fp, "windows": args.windows, "folders": args.folders, "rows": list(rows.values())})
 
 
 if __name__ == "__main__":

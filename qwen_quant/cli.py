@@ -76,10 +76,13 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="inputs per quantization group; -1 = per channel")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
     p.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
-    p.add_argument("--group-act-order", action="store_true",
-                   help="act-order of whole groups: no run-time cost (the checkpoint's g_idx stays in order)")
+    p.add_argument("--group-act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order of whole groups, with no run-time cost (g_idx stays in order); default: on "
+                        "with a group size and without --desc-act / --static-groups")
     p.add_argument("--asym-calibration", type=finite_float(0, 1), default=0.0, metavar="ALPHA",
                    help="match the full-precision model's outputs (GPTAQ) with this strength in [0, 1]; 0: off")
+    p.add_argument("--input-scaling", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale the inputs after ln_1 / ln_2 per channel (AWQ-style), folded into the norms")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
     p.add_argument("--damp", type=finite_float(0, 1), default=0.01,
                    help="damping as a fraction of the mean Hessian diagonal, in [0, 1]")
@@ -165,7 +168,8 @@ def run_quantize(args) -> None:
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                       method=args.method, resume=args.resume, overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp, hub=args.hub,
-                      asym_calibration=args.asym_calibration, group_act_order=args.group_act_order)
+                      asym_calibration=args.asym_calibration, group_act_order=args.group_act_order,
+                      input_scaling=args.input_scaling)
     print(summary_table(report))
 
 

@@ -65,6 +65,13 @@ class HessianAccumulator:
             self._hessian[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:], beta=self.nsamples / total, alpha=2 / total)
         self.nsamples = total
 
+    def scale_inputs(self, scales: torch.Tensor) -> None:
+        """What was accumulated, had every input x been x / scales (per feature)."""
+        inverse = 1 / scales.to(self._hessian)
+        self._hessian.mul_(inverse[:, None] * inverse[None, :])
+        if self.cross is not None:
+            self.cross.mul_(inverse[:, None] * inverse[None, :])
+
     @property
     def hessian(self) -> torch.Tensor:
         if self.nsamples == 0:
@@ -320,6 +327,29 @@ def _group_order(importance: torch.Tensor, group: int) -> torch.Tensor:
     perm = (within + torch.arange(0, whole, group, device=importance.device)[:, None])[order].reshape(-1)
     tail = torch.argsort(importance[whole:], descending=True, stable=True) + whole
     return torch.cat([perm, tail])
+
+
+# Input scaling (AWQ, Lin et al. 2024): per input channel k, s_k = rms(x_k)^a, normalized to a geometric mean of 1;
+# the exponent a is searched on this grid (a = 0 leaves the weights as they are).
+INPUT_SCALE_EXPONENTS = [i / 10 for i in range(11)]
+
+
+def input_scales(weights: list, hessian: torch.Tensor, bits: int, group_size: int, sym: bool = True,
+                 mse: bool = True) -> torch.Tensor:
+    """Scales s [K] for the inputs of linears that share them: quantizing W diag(s) (the inputs divided by s, which
+    a preceding norm can absorb) gives larger inputs finer steps. s minimizes the summed output error of
+    round-to-nearest under H, which W diag(s) and H / (s s^T) leave unchanged in value but not in rounding."""
+    rms = (hessian.diagonal() / 2).clamp(min=torch.finfo(torch.float32).tiny).sqrt()
+    best, best_scales = float("inf"), torch.ones_like(rms)
+    for exponent in INPUT_SCALE_EXPONENTS:
+        scales = rms**exponent
+        scales = scales / scales.log().mean().exp()
+        scaled_hessian = hessian / (scales[:, None] * scales[None, :])
+        loss = sum(rtn_quantize(w.float() * scales, bits, group_size, sym, mse=mse, hessian=scaled_hessian).loss
+                   for w in weights)
+        if loss < best:
+            best, best_scales = loss, scales
+    return best_scales
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
-from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
-from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, QUANTIZED_LINEARS,
-                     UNQUANTIZED, block_prefix, linear_shapes)
+from .gptq import HessianAccumulator, gptq_quantize, input_scales, rtn_quantize
+from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
+                     QUANTIZED_LINEARS, UNQUANTIZED, block_prefix, linear_shapes)
 from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
@@ -113,15 +113,19 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
              on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None,
-             asym_calibration: float = 0.0, group_act_order: bool = False) -> QuantizeReport:
+             asym_calibration: float = 0.0, group_act_order: Optional[bool] = None,
+             input_scaling: bool = False) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
     hub: where a published name is downloaded from (checkpoint.resolve_model_path).
     asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
     full-precision model's activations are carried beside the quantized model's (twice the activation memory).
+    input_scaling: scale the inputs of the linears after ln_1 and ln_2 per channel (gptq.input_scales), folded into
+    the norms' weights.
     group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
-    run-time cost.
+    run-time cost; None (the default): on for GPTQ with groups and without desc_act / static_groups (measured in
+    benchmarks/RESULTS.md, "Quality ablation").
     on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
     and, during the call only, the quantizer's results.
     """
@@ -138,6 +142,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     check_settings(out_config, bits, group_size, method)
     if not 0 <= asym_calibration <= 1:  # NaN fails too
         raise ValueError(f"asym_calibration must be in [0, 1], got {asym_calibration}")
+    if group_act_order is None:
+        group_act_order = method == "gptq" and group_size != -1 and not (desc_act or static_groups)
     if group_act_order and (desc_act or static_groups or group_size == -1):
         raise ValueError("group_act_order orders whole groups: it takes neither desc_act nor static_groups, and "
                          "needs a group size (not -1)")
@@ -163,7 +169,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     return_freed_tensors_to_os()
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
                             options={"mse": mse, "group_act_order": group_act_order,
-                                     "asym_calibration": asym_calibration})
+                                     "asym_calibration": asym_calibration, "input_scaling": input_scaling})
 
     hidden = rope = tokens_digest = None
     if method == "gptq":
@@ -178,7 +184,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     # Resume is keyed by content: the calibration tokens and the source weights' layout, not their paths.
     settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
-                "asym_calibration": asym_calibration, "group_act_order": group_act_order, "config": config.to_dict(),
+                "asym_calibration": asym_calibration, "group_act_order": group_act_order,
+                "input_scaling": input_scaling, "config": config.to_dict(),
                 "weights_sha256": reader.fingerprint()}
     work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
@@ -201,13 +208,16 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                 run_block(block, fp_hidden, rope)
             for path in QUANTIZED_LINEARS:
                 set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
+            if input_scaling:  # the norms hold the scales' inverses
+                for norm in BLOCK_NORMS:
+                    block.get_submodule(norm).weight.copy_(saved[0][f"{prefix}{norm}.weight"])
             if hidden is not None:
                 step_start = clock(device)
                 run_block(block, hidden, rope)
                 timings.forward_s = clock(device) - step_start
         else:
             tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
-                                     asym_calibration, group_act_order)
+                                     asym_calibration, group_act_order, input_scaling)
             step_start = clock(device)
             work.save_block(i, tensors, [asdict(r) for r in timings.layers])
             timings.write_s = clock(device) - step_start
@@ -294,7 +304,7 @@ def clock(device: torch.device) -> float:
 @torch.inference_mode()
 def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar,
                    timings: BlockReport, fp_hidden=None, asym_calibration: float = 0.0,
-                   group_act_order: bool = False) -> dict:
+                   group_act_order: bool = False, input_scaling: bool = False) -> dict:
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
@@ -350,6 +360,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             hessian.add_batch(inputs, fp_inputs)
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
+        if input_scaling and group in NORM_BEFORE:
+            scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
     start = clock(device)
@@ -358,6 +370,22 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         finish_block(fp_block, fp_hidden, fp_scratch, parts, rope)
     timings.forward_s += clock(device) - start
     return tensors
+
+
+def scale_inputs(block: Block, group: tuple, norm_path: str, hessian: HessianAccumulator, quant: QuantConfig,
+                 mse: bool, tensors: dict, prefix: str) -> None:
+    """Multiply the group's weights by gptq.input_scales per input and divide the norm before them by the same, so
+    the block computes what it did (up to the norm's fp16 rounding, which the block then uses as the output does)."""
+    linears = [block.get_submodule(path) for path in group]
+    scales = input_scales([linear.weight for linear in linears], hessian.hessian, quant.bits, quant.group_size,
+                          quant.sym, mse)
+    norm = block.get_submodule(norm_path)
+    name = f"{prefix}{norm_path}.weight"
+    tensors[name] = to_fp16(norm.weight.float() / scales, name)
+    norm.weight.copy_(tensors[name])
+    for linear in linears:
+        linear.weight.mul_(scales.to(linear.weight))
+    hessian.scale_inputs(scales)
 
 
 def finish_block(block: Block, hidden: torch.Tensor, scratch: torch.Tensor, parts: list, rope) -> None:
@@ -446,6 +474,7 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
     settings = [f"method {report.method}", f"{q.bits}-bit", f"group {q.group_size}", "sym" if q.sym else "asym"]
     settings += ["desc_act"] * q.desc_act + ["clipped grid"] * bool(options.get("mse"))
     settings += ["group act-order"] * bool(options.get("group_act_order"))
+    settings += ["input scaling"] * bool(options.get("input_scaling"))
     if options.get("asym_calibration"):
         settings.append(f"asymmetric calibration {options['asym_calibration']:g}")
     lines.append(", ".join(settings))
@@ -476,6 +505,7 @@ GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layo
 | group act-order | {settings['group_act_order']} |
 | asymmetric calibration (alpha) | {settings['asym_calibration']} |
 | clipped grid (mse) | {settings['mse']} |
+| input scaling | {settings['input_scaling']} |
 | true sequential | {q.true_sequential} |
 | calibration | {report.calibration} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
 | time | {report.seconds:.1f} s |

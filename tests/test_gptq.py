@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from qwen_quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, grid_params, rtn_quantize
+from qwen_quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, grid_params, input_scales, rtn_quantize
 
 K, N = 256, 64
 
@@ -364,3 +364,32 @@ def test_asymmetric_calibration_brings_the_outputs_closer_to_full_precision(grou
     # The reported loss stays the output error of the layer's own weight on its own inputs.
     result = gptq_quantize(weight, acc.hessian, asym_cross=acc.cross, **kwargs)
     assert result.loss == pytest.approx(output_error(weight, result, acc.hessian), rel=1e-4)
+
+
+def test_input_scales_never_worsen_rounding_and_help_outlier_inputs():
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2048, K, generator=gen)
+    x[:, :4] *= 30  # a few outlier input channels, as LLM norms produce
+    hessian = 2 / 2048 * x.t() @ x
+    weights = [torch.randn(N, K, generator=gen), torch.randn(2 * N, K, generator=gen)]
+    scales = input_scales(weights, hessian, 4, 32)
+    assert scales.shape == (K,) and torch.isfinite(scales).all() and (scales > 0).all()
+    assert float(scales.log().mean()) == pytest.approx(0, abs=1e-4)
+    assert scales[:4].min() > scales[4:].max()  # the outliers get the finer steps
+
+    def rounding_loss(s):
+        return sum(rtn_quantize(w * s, 4, 32, hessian=hessian / (s[:, None] * s[None, :])).loss for w in weights)
+
+    assert rounding_loss(scales) < 0.8 * rounding_loss(torch.ones(K))
+
+
+def test_hessian_accumulator_scale_inputs_is_accumulating_scaled_inputs():
+    x_fp, x = drifted_inputs(18, k=16, tokens=64)
+    scales = torch.linspace(0.5, 2, 16)
+    scaled = HessianAccumulator(16, asymmetric=True)
+    scaled.add_batch(x / scales, x_fp / scales)
+    acc = HessianAccumulator(16, asymmetric=True)
+    acc.add_batch(x, x_fp)
+    acc.scale_inputs(scales)
+    assert torch.allclose(acc.hessian, scaled.hessian, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(acc.cross, scaled.cross, rtol=1e-4, atol=1e-4)

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from qwen_quant.cli import main
 from qwen_quant.evaluate import perplexity
-from qwen_quant.model import load_dequantized
-from qwen_quant.quantize import quantize
+from qwen_quant.model import QwenForCausalLM, load_dequantized
+from qwen_quant.quantize import quantize, summary_table
 from qwen_quant.synthetic import save_random_checkpoint
 from test_packing import unpack_reference
 from tiny_model import tiny_config
@@ -113,7 +113,7 @@ def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path):
 
 
 # Asymmetric calibration carries the full-precision activations across blocks: a resumed run must carry them too.
-@pytest.mark.parametrize("options", [{}, dict(asym_calibration=0.5, group_act_order=True)])
+@pytest.mark.parametrize("options", [{}, dict(asym_calibration=0.5, input_scaling=True)])
 def test_resume_after_a_kill_gives_identical_bytes(tmp_path, options):
     model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
     calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
@@ -239,3 +239,30 @@ def test_on_block_reports_each_block_with_its_timings(tiny, tmp_path):
         assert b.results == {}  # the tensors were for the callback only
     assert report.calibration_s > 0 and report.export_s > 0
     assert report.seconds >= sum(b.seconds for b in report.blocks) + report.calibration_s + report.export_s
+
+
+def test_group_act_order_is_the_default_where_it_applies_and_the_card_says_so(tmp_path):
+    model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=1))
+    np.save(tmp_path / "calib.npy", np.arange(2000) % 512)
+    kwargs = dict(bits=4, calibration=tmp_path / "calib.npy", nsamples=4, seqlen=32, progress=False)
+    for name, options, expected in [("default", {}, True), ("desc_act", dict(desc_act=True), False),
+                                    ("per_channel", dict(group_size=-1), False),
+                                    ("off", dict(group_act_order=False), False)]:
+        report = quantize(model, tmp_path / name, **{"group_size": 32, **options}, **kwargs)
+        assert report.options["group_act_order"] is expected, name
+        assert ("group act-order" in summary_table(report)) is expected
+        assert f"| group act-order | {expected} |" in (tmp_path / name / "README.md").read_text()
+
+
+def test_input_scaling_folds_into_the_norms_without_changing_the_function(stories_dir, tmp_path):
+    """At 8 bits the rounding is nearly lossless, so a wrong fold (scales not undone in ln_1 / ln_2) would show."""
+    ids = torch.from_numpy(np.load(stories_dir / "eval_ids.npy").astype(np.int64))[:8192]
+    fp = perplexity(QwenForCausalLM.from_pretrained(stories_dir), ids, seqlen=256, batch_size=32, progress=False).perplexity
+    report = quantize(stories_dir, tmp_path / "q", bits=8, group_size=32, calibration=stories_dir / "calib_ids.npy",
+                      nsamples=32, seqlen=128, progress=False, input_scaling=True)
+    assert report.options["input_scaling"] and "input scaling" in summary_table(report)
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    original = load_file(stories_dir / "model.safetensors")
+    assert not torch.equal(tensors["transformer.h.0.ln_1.weight"], original["transformer.h.0.ln_1.weight"].half())
+    quantized = perplexity(load_dequantized(tmp_path / "q"), ids, seqlen=256, batch_size=32, progress=False)
+    assert quantized.perplexity == pytest.approx(fp, rel=2e-3)
