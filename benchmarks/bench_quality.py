@@ -79,10 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--grid", choices=("core", "full"), default="core")
+    parser.add_argument("--bits", type=int, nargs="*", help="only these bit widths of the grid")
     args = parser.parse_args()
     info = machine()
     print(machine_line(info))
-    fp, rows = run_grid(FULL if args.grid == "full" else CORE, shared_data_dir() / "stories260k_qwen")
+    grid = [s for s in (FULL if args.grid == "full" else CORE) if not args.bits or s["bits"] in args.bits]
+    fp, rows = run_grid(grid, shared_data_dir() / "stories260k_qwen")
     print(f"stories260k_qwen full precision: perplexity {fp:.4f}")
     print(table(rows, COLUMNS))
     failures = quality_failures(fp, rows)

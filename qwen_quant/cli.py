@@ -67,6 +67,8 @@ SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def quantize_parser() -> argparse.ArgumentParser:
+    from .gptq import DEFAULT_ASYM_ALPHA
+
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
                                 "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
                                 "MODEL, qwen-quantize memory MODEL, qwen-quantize plan MODEL, qwen-quantize demo.")
@@ -79,8 +81,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="act-order of whole groups, with no run-time cost (g_idx stays in order); default: on "
                         "with a group size and without --desc-act / --static-groups")
-    p.add_argument("--asym-calibration", type=finite_float(0, 1), default=0.0, metavar="ALPHA",
-                   help="match the full-precision model's outputs (GPTAQ) with this strength in [0, 1]; 0: off")
+    p.add_argument("--asym-calibration", type=finite_float(0, 1), default=DEFAULT_ASYM_ALPHA,
+                   metavar="ALPHA", help="match the full-precision model's outputs (GPTAQ) with this strength in "
+                   f"[0, 1] (default {DEFAULT_ASYM_ALPHA}); 0: off (half the forwards and activation memory)")
     p.add_argument("--input-scaling", action=argparse.BooleanOptionalAction, default=False,
                    help="scale the inputs after ln_1 / ln_2 per channel (AWQ-style), folded into the norms")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")

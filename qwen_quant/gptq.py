@@ -329,6 +329,10 @@ def _group_order(importance: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat([perm, tail])
 
 
+# The default strength of asymmetric calibration (gptq_quantize's asym_cross): benchmarks/RESULTS.md, "Quality
+# ablation", measured 0.5 best of 0.25 / 0.5 / 1 on stories260k_qwen and a large gain on SmolLM2-135M.
+DEFAULT_ASYM_ALPHA = 0.5
+
 # Input scaling (AWQ, Lin et al. 2024): per input channel k, s_k = rms(x_k)^a, normalized to a geometric mean of 1;
 # the exponent a is searched on this grid (a = 0 leaves the weights as they are).
 INPUT_SCALE_EXPONENTS = [i / 10 for i in range(11)]

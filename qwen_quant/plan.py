@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 
 from .config import QwenConfig
+from .gptq import DEFAULT_ASYM_ALPHA
 from .layout import linear_shapes
 from .memory import MemoryEstimate, format_memory_report
 from .published import find_published
@@ -243,7 +244,8 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
 def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, nsamples: int = 128,
                       seqlen: int = 2048, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                       method: str = "gptq", tokenizer: bool = True, max_shard_bytes: int = 4 * 10**9,
-                      baseline_bytes: Optional[int] = None, asym_calibration: float = 0.0) -> QuantPlan:
+                      baseline_bytes: Optional[int] = None,
+                      asym_calibration: float = DEFAULT_ASYM_ALPHA) -> QuantPlan:
     """The plan of quantize() for `config` with these settings. dtype: the compute dtype (default: quantize()'s
     choice). baseline_bytes: the RSS the run starts from (default: this process's now)."""
     device = torch.device(device).type

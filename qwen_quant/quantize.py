@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
-from .gptq import HessianAccumulator, gptq_quantize, input_scales, rtn_quantize
+from .gptq import DEFAULT_ASYM_ALPHA, HessianAccumulator, gptq_quantize, input_scales, rtn_quantize
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
                      QUANTIZED_LINEARS, UNQUANTIZED, block_prefix, linear_shapes)
 from .loading import check_tensors, fill_module
@@ -113,14 +113,15 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
              on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None,
-             asym_calibration: float = 0.0, group_act_order: Optional[bool] = None,
+             asym_calibration: float = DEFAULT_ASYM_ALPHA, group_act_order: Optional[bool] = None,
              input_scaling: bool = False) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
     hub: where a published name is downloaded from (checkpoint.resolve_model_path).
     asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
-    full-precision model's activations are carried beside the quantized model's (twice the activation memory).
+    full-precision model's activations are carried beside the quantized model's (twice the activation memory and
+    forwards).
     input_scaling: scale the inputs of the linears after ln_1 and ln_2 per channel (gptq.input_scales), folded into
     the norms' weights.
     group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's

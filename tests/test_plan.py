@@ -28,8 +28,9 @@ def test_plan_of_a_published_name_prints_its_terms_without_download(monkeypatch,
     assert out.startswith("Qwen-72B-Chat: GPTQ 4-bit g128, 128 x 2048 calibration tokens, bfloat16 on cuda")
     for heading in ("Peak device memory", "Peak host memory", "Disk"):
         assert heading in out
-    # Two [128, 2048, 8192] bf16 activation buffers: 8 GiB exactly.
-    assert re.search(r"calibration activations +8\.000 GiB", out)
+    # Two [128, 2048, 8192] bf16 activation buffers for the quantized model and two for the full-precision one
+    # (asymmetric calibration, on by default): 16 GiB exactly.
+    assert re.search(r"calibration activations +16\.000 GiB", out)
     for term in ("GPTQ working copies", "one block's weights", "embedding read", "output checkpoint",
                  "finished blocks"):
         assert term in out
@@ -54,9 +55,12 @@ def test_too_small_a_disk_stops_the_run_before_any_block(tmp_path, monkeypatch):
 
 
 def test_a_run_larger_than_the_free_gpu_memory_names_what_to_change(tmp_path, monkeypatch):
-    plan = plan_quantization(tiny_config(hidden_size=1024, num_attention_heads=8), nsamples=128, seqlen=2048,
-                             device="cuda", dtype=torch.bfloat16, tokenizer=False, baseline_bytes=0)
+    settings = dict(nsamples=128, seqlen=2048, device="cuda", dtype=torch.bfloat16, tokenizer=False, baseline_bytes=0)
+    plan = plan_quantization(tiny_config(hidden_size=1024, num_attention_heads=8), asym_calibration=0, **settings)
     assert plan.device_memory.terms["calibration activations"] == 2 * 128 * 2048 * 1024 * 2
+    # Asymmetric calibration (the default) carries the full-precision activations too.
+    default = plan_quantization(tiny_config(hidden_size=1024, num_attention_heads=8), **settings)
+    assert default.device_memory.terms["calibration activations"] == 4 * 128 * 2048 * 1024 * 2
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (GIB, 80 * GIB))
     with pytest.raises(ValueError, match=r"needs about 1\.\d+ GiB on cuda.*1\.00 GiB are free: lower --nsamples or "
                                          r"--seqlen .* or use --device cpu"):
