@@ -229,9 +229,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     _check_hessian(hessian, k, name)
     if asym_cross is not None and asym_cross.shape != (k, k):
         raise ValueError(f"{name}: asym_cross shape {tuple(asym_cross.shape)} does not match in_features K={k}")
-    if group_act_order and (desc_act or static_groups or group_size == -1):
-        raise ValueError(f"{name}: group_act_order is an act-order of whole groups: it takes neither desc_act nor "
-                         "static_groups, and needs a group size")
+    check_group_act_order(group_act_order, desc_act, static_groups, group_size, name)
     # A NaN fails both comparisons: the damping loop below only ends for a finite start.
     if not 0 <= damp_percent <= MAX_DAMP_PERCENT or block_size <= 0:
         raise ValueError(f"{name}: damp_percent must be in [0, {MAX_DAMP_PERCENT:g}] and block_size > 0, "
@@ -316,6 +314,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return result
 
 
+def check_group_act_order(group_act_order: bool, desc_act: bool, static_groups: bool, group_size: int,
+                          name: str = "") -> None:
+    if group_act_order and (desc_act or static_groups or group_size == -1):
+        raise ValueError(f"{name + ': ' if name else ''}group_act_order orders whole groups: it takes neither "
+                         "desc_act nor static_groups, and needs a group size (not -1)")
+
+
 def _group_order(importance: torch.Tensor, group: int) -> torch.Tensor:
     """Positions -> columns for group_act_order: whole groups, the most important (largest diag(H)) first, each
     group's columns by importance; a shorter last group stays last, so every group starts at a multiple of `group`."""
@@ -345,11 +350,12 @@ def input_scales(weights: list, hessian: torch.Tensor, bits: int, group_size: in
     round-to-nearest under H, which W diag(s) and H / (s s^T) leave unchanged in value but not in rounding."""
     rms = (hessian.diagonal() / 2).clamp(min=torch.finfo(torch.float32).tiny).sqrt()
     best, best_scales = float("inf"), torch.ones_like(rms)
+    weights = [w.float() for w in weights]
     for exponent in INPUT_SCALE_EXPONENTS:
         scales = rms**exponent
         scales = scales / scales.log().mean().exp()
         scaled_hessian = hessian / (scales[:, None] * scales[None, :])
-        loss = sum(rtn_quantize(w.float() * scales, bits, group_size, sym, mse=mse, hessian=scaled_hessian).loss
+        loss = sum(rtn_quantize(w * scales, bits, group_size, sym, mse=mse, hessian=scaled_hessian).loss
                    for w in weights)
         if loss < best:
             best, best_scales = loss, scales

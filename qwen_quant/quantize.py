@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
-from .gptq import DEFAULT_ASYM_ALPHA, HessianAccumulator, gptq_quantize, input_scales, rtn_quantize
+from .gptq import (DEFAULT_ASYM_ALPHA, HessianAccumulator, check_group_act_order, gptq_quantize, input_scales,
+                   rtn_quantize)
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
                      QUANTIZED_LINEARS, UNQUANTIZED, block_prefix, linear_shapes)
 from .loading import check_tensors, fill_module
@@ -145,9 +146,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         raise ValueError(f"asym_calibration must be in [0, 1], got {asym_calibration}")
     if group_act_order is None:
         group_act_order = method == "gptq" and group_size != -1 and not (desc_act or static_groups)
-    if group_act_order and (desc_act or static_groups or group_size == -1):
-        raise ValueError("group_act_order orders whole groups: it takes neither desc_act nor static_groups, and "
-                         "needs a group size (not -1)")
+    check_group_act_order(group_act_order, desc_act, static_groups, group_size)
     # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
     quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
                         static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
