@@ -29,6 +29,7 @@ OPTIONS = {
     "textbook": dict(mse=False, group_act_order=False),  # GPTQ as published: min/max grid, columns in order
     "clipped": dict(group_act_order=False),  # + the clipped (MSE) grid: the default before group act-order
     "default": dict(),  # + group act-order (on by default where a group size is set)
+    "no-mse": dict(mse=False),  # the defaults with the plain min/max grid
     "act-order": dict(desc_act=True, static_groups=True),  # column act-order with static groups, instead
     "damp0.05": dict(damp_percent=0.05),
     "asym0.25": dict(asym_calibration=0.25),

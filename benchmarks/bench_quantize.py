@@ -16,7 +16,8 @@ writing the output checkpoint. Peak RSS is the child process's high-water mark (
 1 block of the 1.8B shapes (32768 vocab rows, random ids) on 16 x 512 tokens.
 
     python benchmarks/bench_quantize.py [--quick] [--device cuda] [--shape 7B] [--layers N] [--nsamples N]
-        [--seqlen N] [--calibration wikitext|random] [--mse on|off] [--threads N] [--json results.json]
+        [--seqlen N] [--calibration wikitext|random] [--mse on|off] [--asym-calibration ALPHA]
+        [--group-act-order on|off] [--threads N] [--json results.json]
 """
 import argparse
 import inspect
@@ -118,6 +119,10 @@ def main():
     parser.add_argument("--calibration", choices=("wikitext", "random"),
                         help="default wikitext; random when --vocab is below the tokenizer's 151851 ids")
     parser.add_argument("--mse", choices=("on", "off"), help="quantize()'s clipping search (default: its default)")
+    parser.add_argument("--asym-calibration", type=float, metavar="ALPHA",
+                        help="quantize()'s asymmetric calibration (default: its default; 0: off, the cost before it)")
+    parser.add_argument("--group-act-order", choices=("on", "off"),
+                        help="quantize()'s group act-order (default: its default)")
     parser.add_argument("--threads", type=int, help="torch threads of the quantizing process (default: torch's)")
     parser.add_argument("--skip-stories", action="store_true")
     parser.add_argument("--skip-rtn", action="store_true", help="no RTN run on the random model")
@@ -128,6 +133,10 @@ def main():
     nsamples = args.nsamples or (16 if args.quick else 128)
     vocab = args.vocab or (32768 if args.quick else 151936)
     extra = {} if args.mse is None else {"mse": args.mse == "on"}
+    if args.asym_calibration is not None:
+        extra["asym_calibration"] = args.asym_calibration
+    if args.group_act_order is not None:
+        extra["group_act_order"] = args.group_act_order == "on"
     mse = extra.get("mse", inspect.signature(quantize).parameters["mse"].default)
     calibration_kind = args.calibration or ("wikitext" if vocab >= REAL_VOCAB else "random")
     if calibration_kind == "wikitext" and vocab < REAL_VOCAB:
@@ -163,7 +172,8 @@ def main():
     print(machine_line(info))
     print(f"qwen_quant {revision()}, mse (clipping search) {'on' if mse else 'off'}; random model: Qwen-{args.shape} "
           f"shapes, {layers} block(s), {vocab} vocab rows, bf16; calibration {nsamples} x {args.seqlen} tokens "
-          f"({calibration_kind}); device {args.device}" + (f"; {args.threads} torch thread(s)" if args.threads else ""))
+          f"({calibration_kind}); device {args.device}" + (f"; {args.threads} torch thread(s)" if args.threads else "")
+          + "".join(f"; {key} {value}" for key, value in extra.items() if key != "mse"))
     columns = [("job", "job", ""), ("nsamples", "samples", "d"), ("seqlen", "seqlen", "d"), ("blocks", "blocks", "d"),
                ("total_s", "total s", ".1f"), ("s_per_block", "s/block", ".2f"),
                ("cpu_s_per_block", "cpu s/block", ".2f"), ("forward_s_per_block", "forward", ".1f"),
@@ -194,8 +204,8 @@ def main():
                   f"({row['nsamples']} x {row['seqlen']} tokens, {row['blocks']} block(s)); peer: {PEER}")
     write_json(args.json, {"benchmark": "bench_quantize", "machine": info, "revision": revision(), "quick": args.quick,
                            "device": args.device, "shape": args.shape, "layers": layers, "vocab": vocab, "mse": mse,
-                           "calibration": calibration_kind, "threads": args.threads or torch.get_num_threads(),
-                           "rows": rows})
+                           "options": extra, "calibration": calibration_kind,
+                           "threads": args.threads or torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -35,10 +35,13 @@ CORE = [dict(bits=b, group_size=128, desc_act=False) for b in (3, 4, 8)]
 FULL = [dict(bits=b, group_size=g, desc_act=d) for b, g, d in itertools.product((3, 4, 8), (128, 64), (False, True))]
 CI = [dict(bits=4, group_size=128, desc_act=False)]
 # Quality bars: full precision within 0.1 % of the reference; GPTQ below RTN at 3 and 4 bits; GPTQ's default grid no
-# worse than the textbook one (where both ran); 8 bits within 0.5 % of full precision.
+# worse than the textbook one (where both ran) beyond run-to-run noise; 8 bits within 0.5 % of full precision.
 MAX_FP_DEVIATION = 0.001
 MAX_INT8_INCREASE = 0.005
-# 4-bit g128: the share of RTN's perplexity increase that GPTQ keeps. Measured 0.297 with the defaults on 32 x 512
+# The same run (commit ddea7c8's defaults, 4-bit g128) with 1 and 2 torch threads (float sums in another order) gave
+# 23.2917 and 23.4805: 0.8 %.
+NOISE = 0.01
+# 4-bit g128: the share of RTN's perplexity increase that GPTQ keeps. Measured 0.256 with the defaults on 32 x 512
 # calibration windows (benchmarks/RESULTS.md, "Quality ablation"); the bar leaves room for noise.
 MAX_4BIT_G128_SHARE = 0.40
 
@@ -100,9 +103,9 @@ def quality_failures(fp: float, rows: list) -> list:
         if r["bits"] == 4 and r["group_size"] == 128 and not r["desc_act"] and not r["share"] <= MAX_4BIT_G128_SHARE:
             failures.append(f"{name}: GPTQ keeps {r['share']:.1%} of RTN's perplexity increase (bar "
                             f"{MAX_4BIT_G128_SHARE:.0%})")
-        if "gptq_no_mse" in r and not r["gptq"] <= r["gptq_no_mse"]:
+        if "gptq_no_mse" in r and not r["gptq"] <= r["gptq_no_mse"] * (1 + NOISE):
             failures.append(f"{name}: GPTQ's default grid {r['gptq']:.4f} is worse than --no-mse "
-                            f"{r['gptq_no_mse']:.4f}")
+                            f"{r['gptq_no_mse']:.4f} by more than {NOISE:.0%}")
         if r["bits"] == 8 and not r["gptq"] <= fp * (1 + MAX_INT8_INCREASE):
             failures.append(f"{name}: perplexity {r['gptq']:.4f} is more than {MAX_INT8_INCREASE:.1%} above {fp:.4f}")
     return failures

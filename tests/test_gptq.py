@@ -3,7 +3,8 @@ import warnings
 import pytest
 import torch
 
-from qwen_quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, grid_params, input_scales, rtn_quantize
+from qwen_quant.gptq import (HessianAccumulator, QuantResult, _group_params, gptq_quantize, grid_params, input_scales,
+                             rtn_quantize)
 
 K, N = 256, 64
 
@@ -137,6 +138,37 @@ def test_mse_clipping_never_worsens_the_rounding_error_it_minimizes(sym):
         assert (error(scale, zero) <= error(plain_scale, plain_zero)).all()
         # Heavy tails make clipping pay off on most rows.
         assert (scale < plain_scale).float().mean() > 0.5
+
+
+def test_clipping_search_weighs_each_columns_error_by_its_cost():
+    torch.manual_seed(0)
+    # More rows than one cache-sized slice of the search (MSE_SLICE_ELEMENTS), the last slice shorter.
+    weight = torch.rand(17000, 32) * 2 - 1
+    weight[:, 0] = 6.0  # an outlier column: clipping it trades its error for finer steps elsewhere
+    plain_scale, _ = grid_params(weight, 4, True, mse=False)
+    unweighted, _ = grid_params(weight, 4, True, mse=True)
+    outlier_costly = torch.ones(32)
+    outlier_costly[0] = 1e6
+    outlier_free = torch.ones(32)
+    outlier_free[0] = 0
+    kept, _ = grid_params(weight, 4, True, mse=True, column_weights=outlier_costly)
+    clipped, _ = grid_params(weight, 4, True, mse=True, column_weights=outlier_free)
+    assert torch.equal(kept, plain_scale)  # any clipping of a column that costs 1e6 per unit is the worst choice
+    assert (clipped <= unweighted).all() and (clipped < unweighted).float().mean() > 0.5
+    # A weight per element ([R, C]) picks each row's factor as the same row's [C] weights do.
+    rowwise = torch.where(torch.arange(17000)[:, None] % 2 == 0, outlier_costly, outlier_free)
+    mixed, _ = grid_params(weight, 4, True, mse=True, column_weights=rowwise)
+    assert torch.equal(mixed[0::2], kept[0::2]) and torch.equal(mixed[1::2], clipped[1::2])
+
+
+def test_group_grids_take_their_own_columns_weights():
+    torch.manual_seed(1)
+    weight = torch.distributions.StudentT(3.0).sample((6, 80))
+    costs = torch.rand(80) ** 4
+    scales, zeros = _group_params(weight, 32, 3, False, True, costs)  # groups of 32, 32 and a last one of 16
+    for g, (a, b) in enumerate([(0, 32), (32, 64), (64, 80)]):
+        scale, zero = grid_params(weight[:, a:b], 3, False, True, costs[a:b])
+        assert torch.equal(scales[g], scale) and torch.equal(zeros[g], zero)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
