@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .finite import all_finite
 from .packing import check_bits, valid_group_size
 
 # Clipping search (GPTQ's `mse` option): shrink the range by 0 %, 3 %, ... 45 % and keep, per row, the factor
@@ -81,7 +82,7 @@ class HessianAccumulator:
         upper = self._hessian.triu()
         H = upper + upper.triu(1).t()
         # A NaN or inf anywhere in the activations reaches H: one check here instead of one per batch.
-        if not torch.isfinite(H).all():
+        if not all_finite(H):
             raise ValueError(f"{self.name}: activations contain NaN or inf")
         return H
 
@@ -185,14 +186,14 @@ def _check_inputs(weight: torch.Tensor, bits: int, group_size: int, name: str) -
         raise ValueError(f"{name}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if not valid_group_size(group_size):
         raise ValueError(f"{name}: group_size {group_size} must be positive or -1 (per channel)")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError(f"{name}: weight contains NaN or inf")
 
 
 def _check_hessian(hessian: torch.Tensor, k: int, name: str) -> None:
     if hessian.shape != (k, k):
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in_features K={k}")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise ValueError(f"{name}: Hessian contains NaN or inf")
     if not hessian.diagonal().any():
         raise ValueError(f"{name}: the Hessian is all zeros: no calibration tokens reached this layer")
@@ -394,7 +395,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str) -
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            if info == 0 and all_finite(upper):
                 if damp != damp_percent:
                     warnings.warn(f"{name}: the Hessian is not positive definite with damp_percent={damp_percent}; "
                                   f"used damp_percent={damp:g}")

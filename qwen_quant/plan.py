@@ -165,11 +165,15 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
     # larger of the two.
     if gptq:
-        K, N = max(((K, N) for K, N, _ in linears), key=lambda kn: GPTQ_SQUARES * kn[0]**2 + GPTQ_WEIGHT_COPIES
+        squares = GPTQ_SQUARES + (streams - 1)  # and the cross term C, with asymmetric calibration
+        K, N = max(((K, N) for K, N, _ in linears), key=lambda kn: squares * kn[0]**2 + GPTQ_WEIGHT_COPIES
                    * kn[0] * kn[1])
-        solver = term("GPTQ working copies", 4 * (GPTQ_SQUARES * K * K + GPTQ_WEIGHT_COPIES * K * N),
-                      f"at the [{K} -> {N}] layer: {GPTQ_SQUARES} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
-                      f"factors) and {GPTQ_WEIGHT_COPIES} fp32 weight copies")
+        # The block's other linears are done by then: their int32 codes wait in the block's report for on_block.
+        codes = 4 * (sum(k * n for k, n, _ in linears) - K * N)
+        solver = term("GPTQ working copies", 4 * (squares * K * K + GPTQ_WEIGHT_COPIES * K * N) + codes,
+                      f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
+                      f"factors{', cross term' if streams == 2 else ''}), {GPTQ_WEIGHT_COPIES} fp32 weight copies "
+                      "and the other linears' int32 codes")
         # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
         # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
         chunk = term("chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
@@ -266,8 +270,10 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
     flops = run_flops(config, nsamples, seqlen, method, asym=bool(asym_calibration))
     rates = {}
     if device != "cuda" or torch.cuda.is_available():
-        compute, fp32 = matmul_rate(dtype, device), matmul_rate(torch.float32, device)
-        rates = {f"{_name(dtype)} matmul": compute, "float32 matmul": fp32}
+        # The forwards run in the block's compute dtype (fp32 on CPUs without bf16 instructions), not the activations'.
+        compute_dtype = block_compute_dtype(torch.device(device), dtype)
+        compute, fp32 = matmul_rate(compute_dtype, device), matmul_rate(torch.float32, device)
+        rates = {f"{_name(compute_dtype)} matmul": compute, "float32 matmul": fp32}
         seconds = {"calibration forwards": flops["calibration forwards"] / compute,
                    "Hessians": flops["Hessians"] / fp32, "GPTQ": flops["GPTQ"] / fp32,
                    "output-error report": flops["loss"] / fp32}

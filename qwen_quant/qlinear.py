@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qwen_quant import packing
+from qwen_quant.finite import all_finite
 
 logger = logging.getLogger("qwen_quant")
 
@@ -129,7 +130,7 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
     if bias is not None:
         _check_tensor(bias, _label(name, "bias"), _FLOATS, (N,), context)
     for label, t in (("scales", scales), ("bias", bias)):
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not all_finite(t):
             raise ValueError(f"{_label(name, label)} contains NaN or inf: the checkpoint is corrupt")
     if g_idx is None:
         if desc_act:

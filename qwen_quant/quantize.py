@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
+from .finite import all_finite
 from .gptq import (DEFAULT_ASYM_ALPHA, HessianAccumulator, check_group_act_order, gptq_quantize, input_scales,
                    rtn_quantize)
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
@@ -221,7 +222,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             step_start = clock(device)
             work.save_block(i, tensors, [asdict(r) for r in timings.layers])
             timings.write_s = clock(device) - step_start
-        if hidden is not None and not torch.isfinite(hidden).all():  # blame this block, not the next one's Hessian
+        if hidden is not None and not all_finite(hidden):  # blame this block, not the next one's Hessian
             raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
                              f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
         del block
@@ -274,7 +275,7 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
                          f"model's vocabulary of {config.vocab_size}")
     wte = reader.get(EMBEDDING)
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
-    if not torch.isfinite(hidden).all():
+    if not all_finite(hidden):
         raise ValueError(f"calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
 
@@ -318,6 +319,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
 
     def quantize_group(paths, hessian: Optional[HessianAccumulator]):
         H = hessian.hessian if hessian is not None else None
+        # alpha C in place: the accumulator is done with, and a scaled copy would be one more [K, K] at GPTQ's peak.
+        cross = hessian.cross.mul_(asym_calibration) if hessian is not None and hessian.cross is not None else None
         for path in paths:
             bar.set_postfix_str(path)
             t0 = clock(device)
@@ -325,7 +328,6 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             linear = block.get_submodule(path)
             w = linear.weight.float()
             if method == "gptq":
-                cross = asym_calibration * hessian.cross if hessian.cross is not None else None
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
                                        quant.static_groups, quant.damp_percent, mse=mse, asym_cross=cross,
                                        group_act_order=group_act_order, name=name)
@@ -360,6 +362,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             hessian.add_batch(inputs, fp_inputs)
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
+        inputs = fp_inputs = None  # the last chunk's activations: not needed at GPTQ's peak
         if input_scaling and group in NORM_BEFORE:
             scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
@@ -422,8 +425,8 @@ def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantC
 def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """tensor as the output stores it, in fp16; a value that is not finite there is an error naming the tensor."""
     half = tensor.detach().to(torch.float16)
-    if not torch.isfinite(half).all():
-        if not torch.isfinite(tensor).all():
+    if not all_finite(half):
+        if not all_finite(tensor):
             raise ValueError(f"tensor {name} contains NaN or inf")
         raise ValueError(f"tensor {name} has values up to {float(tensor.abs().max()):.4g}, beyond the range of fp16 "
                          f"(+-{FP16_MAX:.0f}) in which the output stores it")

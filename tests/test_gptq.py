@@ -425,3 +425,15 @@ def test_hessian_accumulator_scale_inputs_is_accumulating_scaled_inputs():
     acc.scale_inputs(scales)
     assert torch.allclose(acc.hessian, scaled.hessian, rtol=1e-4, atol=1e-4)
     assert torch.allclose(acc.cross, scaled.cross, rtol=1e-4, atol=1e-4)
+
+
+def test_all_finite_checks_every_slice_of_a_large_tensor():
+    from qwen_quant.finite import SLICE_ELEMENTS, all_finite
+
+    t = torch.zeros(3 * SLICE_ELEMENTS + 6, dtype=torch.bfloat16)
+    assert all_finite(t) and all_finite(t.reshape(-1, 6)[:, :3])  # a strided view too
+    for where, value in ((0, float("nan")), (2 * SLICE_ELEMENTS + 1, float("inf")), (-1, float("-inf"))):
+        bad = t.clone()
+        bad[where] = value
+        assert not all_finite(bad)
+    assert all_finite(torch.zeros(0))

@@ -1,0 +1,14 @@
+"""Whether a tensor holds only finite values, in bounded memory.
+
+torch.isfinite(t).all() builds temporaries of about 2.5x t's bytes (measured on a bf16 tensor); on a 151936-row
+embedding that is 1.5 GiB above the tensor itself, more than a whole quantization block needs. Checking slices keeps
+the temporaries to a few MiB.
+"""
+import torch
+
+SLICE_ELEMENTS = 2**22
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)  # a view of a contiguous tensor; only a strided one is copied
+    return all(bool(torch.isfinite(flat[i:i + SLICE_ELEMENTS]).all()) for i in range(0, flat.numel(), SLICE_ELEMENTS))
