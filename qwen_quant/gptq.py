@@ -107,10 +107,9 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool,
     rounding error in each column costs, for the clipping search (None: all alike)."""
     # The clipping search is memory-bound: over slices of rows that stay in cache it runs about 4x faster.
     if mse and w.numel() > MSE_SLICE_ELEMENTS:
-        rows = max(MSE_SLICE_ELEMENTS // w.shape[1], 1)
-        weights = [column_weights] * -(-w.shape[0] // rows) if column_weights is None or column_weights.dim() == 1 \
-            else column_weights.split(rows)
-        slices = [grid_params(part, bits, sym, mse, part_weights) for part, part_weights in zip(w.split(rows), weights)]
+        rows = w.split(max(MSE_SLICE_ELEMENTS // w.shape[1], 1))
+        weights = [None] * len(rows) if column_weights is None else column_weights.expand_as(w).split(len(rows[0]))
+        slices = [grid_params(part, bits, sym, mse, part_weights) for part, part_weights in zip(rows, weights)]
         return torch.cat([scale for scale, _ in slices]), torch.cat([zero for _, zero in slices])
     maxq = 2**bits - 1
     # The range always holds 0, so an exact 0 stays representable and the zero point lies in [0, maxq].

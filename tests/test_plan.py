@@ -2,12 +2,15 @@
 import importlib
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from qwen_quant.cli import main
 from qwen_quant.plan import check_plan, plan_quantization
 from qwen_quant.synthetic import save_random_checkpoint
+from bench_quantize import quantize_job
+from common import isolated
 from tiny_model import tiny_config
 
 GIB = 2**30
@@ -77,32 +80,17 @@ def test_resumed_blocks_count_as_disk_already_held(tmp_path, monkeypatch):
     check_plan(plan, tmp_path / "out", torch.device("cpu"), reusable_bytes=100)
 
 
-MEASURE_PEAK = """
-import sys, numpy as np
-from qwen_quant.plan import process_rss_bytes
-from qwen_quant.quantize import quantize
-model, out, ids = sys.argv[1:4]
-np.save(ids, np.random.default_rng(0).integers(0, 8192, size=2**16, dtype=np.int64))
-start = process_rss_bytes()
-quantize(model, out, bits=4, group_size=128, calibration=ids, nsamples=16, seqlen=256, device="cpu", progress=False)
-peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(start, peak)
-"""
-
-
 def test_the_plan_is_within_15_percent_of_a_measured_peak(tmp_path):
     """A fresh process quantizes a random model whose run holds a few hundred MiB above the interpreter: its
     high-water mark of resident memory against the plan's peak, given the RSS it started from."""
-    import subprocess
-    import sys
-
     config = tiny_config(hidden_size=1024, num_attention_heads=8, intermediate_size=2 * 2816, vocab_size=65536,
                          num_hidden_layers=1, seq_length=2048, max_position_embeddings=2048, torch_dtype="bfloat16")
     model = save_random_checkpoint(tmp_path / "model", config, torch.bfloat16)
-    run = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(model), str(tmp_path / "out"),
-                          str(tmp_path / "ids.npy")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    start, peak = (int(v) for v in run.stdout.split()[-2:])
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 8192, size=2**16, dtype=np.int64))
+    settings = dict(bits=4, group_size=128, method="gptq", device="cpu", nsamples=16, seqlen=256, calibration=str(ids))
+    child = isolated(quantize_job, str(model), str(tmp_path / "out"), settings)
     plan = plan_quantization(config, 4, 128, nsamples=16, seqlen=256, device="cpu", dtype=torch.bfloat16,
-                             tokenizer=False, baseline_bytes=start)
+                             tokenizer=False, baseline_bytes=child["baseline_rss_bytes"])
+    peak = child["peak_rss_bytes"]
     assert abs(peak / plan.host_memory.total - 1) <= 0.15, (peak / 2**20, plan.host_memory.total / 2**20)
