@@ -37,6 +37,9 @@ OPTIONS = {
     "asym1": dict(asym_calibration=1.0),
     "scaling": dict(input_scaling=True),
     "scaling+asym0.5": dict(input_scaling=True, asym_calibration=0.5),
+    "refine0": dict(refine_passes=0),
+    "refine1": dict(refine_passes=1),
+    "refine3": dict(refine_passes=3),
 }
 MODELS = {
     # name: (calibration file, calibration seqlen, default nsamples, eval file, eval seqlen, default settings)

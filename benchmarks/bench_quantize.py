@@ -123,6 +123,8 @@ def main():
                         help="quantize()'s asymmetric calibration (default: its default; 0: off, the cost before it)")
     parser.add_argument("--group-act-order", choices=("on", "off"),
                         help="quantize()'s group act-order (default: its default)")
+    parser.add_argument("--refine-passes", type=int, metavar="N",
+                        help="quantize()'s refine passes (default: its default)")
     parser.add_argument("--threads", type=int, help="torch threads of the quantizing process (default: torch's)")
     parser.add_argument("--skip-stories", action="store_true")
     parser.add_argument("--skip-rtn", action="store_true", help="no RTN run on the random model")
@@ -137,6 +139,8 @@ def main():
         extra["asym_calibration"] = args.asym_calibration
     if args.group_act_order is not None:
         extra["group_act_order"] = args.group_act_order == "on"
+    if args.refine_passes is not None:
+        extra["refine_passes"] = args.refine_passes
     mse = extra.get("mse", inspect.signature(quantize).parameters["mse"].default)
     calibration_kind = args.calibration or ("wikitext" if vocab >= REAL_VOCAB else "random")
     if calibration_kind == "wikitext" and vocab < REAL_VOCAB:

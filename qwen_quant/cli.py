@@ -67,7 +67,7 @@ SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def quantize_parser() -> argparse.ArgumentParser:
-    from .gptq import DEFAULT_ASYM_ALPHA
+    from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
                                 "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
@@ -86,6 +86,9 @@ def quantize_parser() -> argparse.ArgumentParser:
                    f"[0, 1] (default {DEFAULT_ASYM_ALPHA}); 0: off (half the forwards and activation memory)")
     p.add_argument("--input-scaling", action=argparse.BooleanOptionalAction, default=False,
                    help="scale the inputs after ln_1 / ln_2 per channel (AWQ-style), folded into the norms")
+    p.add_argument("--refine-passes", type=int_at_least(0), default=DEFAULT_REFINE_PASSES, metavar="N",
+                   help="after GPTQ, N rounds of least-squares scales and re-chosen codes (default "
+                        f"{DEFAULT_REFINE_PASSES}); 0: plain GPTQ")
     p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
     p.add_argument("--damp", type=finite_float(0, 1), default=0.01,
                    help="damping as a fraction of the mean Hessian diagonal, in [0, 1]")
@@ -172,7 +175,7 @@ def run_quantize(args) -> None:
                       method=args.method, resume=args.resume, overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp, hub=args.hub,
                       asym_calibration=args.asym_calibration, group_act_order=args.group_act_order,
-                      input_scaling=args.input_scaling)
+                      input_scaling=args.input_scaling, refine_passes=args.refine_passes)
     print(summary_table(report))
 
 

@@ -20,8 +20,8 @@ from typing import Optional, Union
 import torch
 
 from .config import QwenConfig
-from .gptq import DEFAULT_ASYM_ALPHA
-from .layout import linear_shapes
+from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
+from .layout import TRUE_SEQUENTIAL_GROUPS, linear_shapes
 from .memory import MemoryEstimate, format_memory_report
 from .published import find_published
 
@@ -53,6 +53,10 @@ CUDA_WORKSPACE_BYTES = 64 * 2**20
 GPTQ_SQUARES = 7
 # Weight-sized fp32 matrices [N, K] alive then: the layer's weight in fp32, its clone and the permuted working copy.
 GPTQ_WEIGHT_COPIES = 3
+# At refine's widest moment (gptq.refine, after GPTQ's working copies are freed): the accumulator, its symmetric copy
+# and refine's own copy of H; the target, the goal, the codes, goal @ H, the code offsets and a group's two products.
+REFINE_SQUARES = 3
+REFINE_WEIGHT_COPIES = 7
 RATE_SECONDS = 0.2  # how long the matmul rate is measured, per dtype and device
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 2**20
@@ -134,10 +138,11 @@ def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int
 
 def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples: int, seqlen: int, device: str,
                        dtype: torch.dtype, method: str = "gptq", tokenizer: bool = True,
-                       max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0, asym: bool = False) -> tuple:
+                       max_shard_bytes: int = 4 * 10**9, baseline_bytes: int = 0, asym: bool = False,
+                       refine: bool = False) -> tuple:
     """(device phases, host phases, disk terms, notes): each phase a dict term -> bytes, its peak their sum.
     asym: asymmetric calibration, which carries the full-precision model's activations and block beside the
-    quantized ones."""
+    quantized ones until the last group's inputs are taken. refine: gptq.refine runs after each GPTQ."""
     h, ff, V, L = config.hidden_size, config.ffn_size, config.vocab_size, config.num_hidden_layers
     act, ckpt = dtype.itemsize, config.dtype.itemsize
     # A block's weights and arithmetic may be wider than the activations it reads (fp32 on CPUs without bf16).
@@ -157,33 +162,44 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         return name, nbytes
 
     streams = 2 if asym and gptq else 1
-    activations = term("calibration activations", 2 * streams * T * h * act,
-                       f"hidden and mixed: {2 * streams} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
-                       + (" (full-precision ones too)" if streams == 2 else ""))
-    weights = term("one block's weights", streams * block_params * compute,
-                   f"{streams} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")
-    # GPTQ's widest moment is one layer's Cholesky; chunk temporaries are gone by then, so the block phase takes the
-    # larger of the two.
+
+    def block_terms(alive: int) -> list:
+        """(name, bytes, note) of the activation buffers and block weights while `alive` streams run (the
+        full-precision one is freed before the last group's GPTQ, its output kept)."""
+        buffers = 2 * alive + (streams - alive)
+        return [("calibration activations", buffers * T * h * act,
+                 f"hidden and mixed: {buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
+                 + ("" if streams == 1 else " (full-precision ones too)" if alive == 2
+                    else " (and the full-precision output)")),
+                ("one block's weights", alive * block_params * compute,
+                 f"{alive} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")]
+
     if gptq:
+        # The block phase's widest moment: a layer's Cholesky (or refine after it), or a chunk of the MLP stage.
         squares = GPTQ_SQUARES + (streams - 1)  # and the cross term C, with asymmetric calibration
-        K, N = max(((K, N) for K, N, _ in linears), key=lambda kn: squares * kn[0]**2 + GPTQ_WEIGHT_COPIES
-                   * kn[0] * kn[1])
-        # The block's other linears are done by then: their int32 codes wait in the block's report for on_block.
-        codes = 4 * (sum(k * n for k, n, _ in linears) - K * N)
-        solver = term("GPTQ working copies", 4 * (squares * K * K + GPTQ_WEIGHT_COPIES * K * N) + codes,
-                      f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (Hessian, its copies, Cholesky "
-                      f"factors{', cross term' if streams == 2 else ''}), {GPTQ_WEIGHT_COPIES} fp32 weight copies "
-                      "and the other linears' int32 codes")
+        refine_squares = REFINE_SQUARES + (streams - 1)
+        copies = f"{GPTQ_WEIGHT_COPIES} fp32 weight copies" + (f" (refine: {REFINE_WEIGHT_COPIES})" if refine else "")
+        moments = []
+        for path, (K, N, _) in linear_shapes(config).items():
+            solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
+                             refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N if refine else 0)
+            # The block's other linears are done by then: their int32 codes wait in the block's report for on_block.
+            codes = 4 * (sum(k * n for k, n, _ in linears) - K * N)
+            moments.append(block_terms(1 if path in TRUE_SEQUENTIAL_GROUPS[-1] else streams) + [(
+                "GPTQ working copies", solver + codes,
+                f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (Hessian, its copies, Cholesky factors"
+                f"{', cross term' if streams == 2 else ''}), {copies} and the other linears' int32 codes")])
         # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
         # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
-        chunk = term("chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
-                     f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
-                     + (" (and the cross term's)" if streams == 2 else ""))
-        widest = max(solver, chunk, key=lambda t: t[1])
-        block_device = dict([activations, weights, widest])
+        moments.append(block_terms(streams) + [(
+            "chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
+            f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
+            + (" (and the cross term's)" if streams == 2 else ""))])
+        block_device = dict(term(*t) for t in max(moments, key=lambda terms: sum(t[1] for t in terms)))
     else:
-        block_device = dict([weights, term("RTN working copies", 4 * 4 * largest_linear,
-                                           "the widest linear's weight in fp32, its codes and dequantized copies")])
+        block_device = dict([term(*block_terms(1)[1]), term("RTN working copies", 4 * 4 * largest_linear,
+                                                             "the widest linear's weight in fp32, its codes and "
+                                                             "dequantized copies")])
     embed_device = dict([term("embeddings in the compute dtype", T * h * act,
                               f"[{nsamples}, {seqlen}, {h}] {_name(dtype)}")])
     if cuda:
@@ -224,7 +240,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     return device_phases, host_phases, disk, notes
 
 
-def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq", asym: bool = False) -> dict:
+def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq", asym: bool = False,
+              refine_passes: int = 0) -> dict:
     """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
     h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
     linears = linear_shapes(config).values()
@@ -232,14 +249,18 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
     if method != "gptq":
         return {"calibration forwards": 0, "Hessians": 0, "GPTQ": 0, "loss": 0}
     T = nsamples * seqlen
-    # Every linear once in its stage, w1 / w2 / c_proj again for the block's output; causal attention.
+    # Every linear once in its stage, w1 / w2 again for the block's output; causal attention.
     forwards = 2 * T * (4 * h * h + 5 * h * ff) + 2 * T * seqlen * h
+    # The full-precision block's stages: its output comes with its MLP's hidden activations, no w1 / w2 again.
+    fp_forwards = 2 * T * (4 * h * h + 3 * h * ff) + 2 * T * seqlen * h
     # The upper triangle of x^T x in HESSIAN_BANDS row bands: (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
     hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
     solve = sum(4 * K**3 // 3 + N * K * K for K, N, _ in linears)
+    if refine_passes:  # goal @ H once, per pass a sweep (N K^2) and a fit of the scales (half of N K^2), one more fit
+        solve += sum(2 * N * K * K * (1 + refine_passes + (refine_passes + 1) / 2) for K, N, _ in linears)
     if asym:  # the full-precision block's forwards, the full [K, K] cross terms, the shift W C H^-1 and the loss
-        forwards *= 2
+        forwards += fp_forwards
         hessians += 2 * T * (3 * h * h + ff * ff)
         solve += sum(4 * N * K * K for K, N, _ in linears)
     return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
@@ -249,7 +270,8 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
                       seqlen: int = 2048, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                       method: str = "gptq", tokenizer: bool = True, max_shard_bytes: int = 4 * 10**9,
                       baseline_bytes: Optional[int] = None,
-                      asym_calibration: float = DEFAULT_ASYM_ALPHA) -> QuantPlan:
+                      asym_calibration: float = DEFAULT_ASYM_ALPHA,
+                      refine_passes: int = DEFAULT_REFINE_PASSES) -> QuantPlan:
     """The plan of quantize() for `config` with these settings. dtype: the compute dtype (default: quantize()'s
     choice). baseline_bytes: the RSS the run starts from (default: this process's now)."""
     device = torch.device(device).type
@@ -258,7 +280,8 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
     baseline = process_rss_bytes() if baseline_bytes is None else baseline_bytes
     device_phases, host_phases, disk, notes = quantization_terms(config, bits, group_size, nsamples, seqlen, device,
                                                                  dtype, method, tokenizer, max_shard_bytes, baseline,
-                                                                 asym=bool(asym_calibration))
+                                                                 asym=bool(asym_calibration),
+                                                                 refine=bool(refine_passes))
 
     def widest(phases, what):
         name = max(phases, key=lambda p: sum(phases[p].values()))
@@ -267,7 +290,7 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
 
     settings = (f"{method.upper()} {bits}-bit g{group_size}, {nsamples} x {seqlen} calibration tokens, "
                 f"{_name(dtype)} on {device}")
-    flops = run_flops(config, nsamples, seqlen, method, asym=bool(asym_calibration))
+    flops = run_flops(config, nsamples, seqlen, method, asym=bool(asym_calibration), refine_passes=refine_passes)
     rates = {}
     if device != "cuda" or torch.cuda.is_available():
         # The forwards run in the block's compute dtype (fp32 on CPUs without bf16 instructions), not the activations'.

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
 from .finite import all_finite
-from .gptq import (DEFAULT_ASYM_ALPHA, HessianAccumulator, check_group_act_order, gptq_quantize, input_scales,
-                   rtn_quantize)
+from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
+                   gptq_quantize, input_scales, rtn_quantize)
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
                      QUANTIZED_LINEARS, UNQUANTIZED, block_prefix, linear_shapes)
 from .loading import check_tensors, fill_module
@@ -116,7 +116,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
              mse: bool = True, progress: bool = True, tp: Optional[int] = None,
              on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None,
              asym_calibration: float = DEFAULT_ASYM_ALPHA, group_act_order: Optional[bool] = None,
-             input_scaling: bool = False) -> QuantizeReport:
+             input_scaling: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
     tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
@@ -126,6 +126,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     forwards).
     input_scaling: scale the inputs of the linears after ln_1 and ln_2 per channel (gptq.input_scales), folded into
     the norms' weights.
+    refine_passes: rounds of gptq.refine after GPTQ's sweep (least-squares scales, then each code re-chosen), 0
+    for none; they change only the values written.
     group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
     run-time cost; None (the default): on for GPTQ with groups and without desc_act / static_groups (measured in
     benchmarks/RESULTS.md, "Quality ablation").
@@ -145,6 +147,9 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     check_settings(out_config, bits, group_size, method)
     if not 0 <= asym_calibration <= 1:  # NaN fails too
         raise ValueError(f"asym_calibration must be in [0, 1], got {asym_calibration}")
+    if not isinstance(refine_passes, int) or refine_passes < 0:
+        raise ValueError(f"refine_passes must be a whole number >= 0, got {refine_passes!r}")
+    refine_passes = refine_passes if method == "gptq" else 0  # refine needs GPTQ's Hessian
     if group_act_order is None:
         group_act_order = method == "gptq" and group_size != -1 and not (desc_act or static_groups)
     check_group_act_order(group_act_order, desc_act, static_groups, group_size)
@@ -164,13 +169,14 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     compute_dtype = block_compute_dtype(device, dtype)
     plan = plan_quantization(config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
                              tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes,
-                             asym_calibration=asym_calibration)
+                             asym_calibration=asym_calibration, refine_passes=refine_passes)
     check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work.path / "blocks").iterdir()))
     log.info(plan_totals(plan))
     return_freed_tensors_to_os()
     report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
                             options={"mse": mse, "group_act_order": group_act_order,
-                                     "asym_calibration": asym_calibration, "input_scaling": input_scaling})
+                                     "asym_calibration": asym_calibration, "input_scaling": input_scaling,
+                                     "refine_passes": refine_passes})
 
     hidden = rope = tokens_digest = None
     if method == "gptq":
@@ -186,7 +192,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
                 "asym_calibration": asym_calibration, "group_act_order": group_act_order,
-                "input_scaling": input_scaling, "config": config.to_dict(),
+                "input_scaling": input_scaling, "refine_passes": refine_passes, "config": config.to_dict(),
                 "weights_sha256": reader.fingerprint()}
     work.start(settings)
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
@@ -218,7 +224,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                 timings.forward_s = clock(device) - step_start
         else:
             tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
-                                     asym_calibration, group_act_order, input_scaling)
+                                     asym_calibration, group_act_order, input_scaling, refine_passes)
             step_start = clock(device)
             work.save_block(i, tensors, [asdict(r) for r in timings.layers])
             timings.write_s = clock(device) - step_start
@@ -285,11 +291,12 @@ def chunks(n_samples: int, seqlen: int):
     return [slice(s, min(s + step, n_samples)) for s in range(0, n_samples, step)]
 
 
-def run_stage(block: Block, stage: int, hidden: torch.Tensor, scratch: torch.Tensor, s: slice, rope) -> torch.Tensor:
+def run_stage(block: Block, stage: int, hidden: torch.Tensor, scratch: torch.Tensor, s: slice, rope,
+              previous=None) -> torch.Tensor:
     """Block.stage on the chunk s of the activation buffers, in the block's dtype; the scratch keeps its update."""
     dtype = block.ln_1.weight.dtype
     x, y = hidden[s].to(dtype), scratch[s].to(dtype)
-    result = block.stage(stage, x, y, rope)
+    result = block.stage(stage, x, y, rope, previous)
     if scratch.dtype != dtype:  # y is a copy: store what the stage wrote into it
         scratch[s] = y
     return result
@@ -305,14 +312,15 @@ def clock(device: torch.device) -> float:
 @torch.inference_mode()
 def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar,
                    timings: BlockReport, fp_hidden=None, asym_calibration: float = 0.0,
-                   group_act_order: bool = False, input_scaling: bool = False) -> dict:
+                   group_act_order: bool = False, input_scaling: bool = False, refine_passes: int = 0) -> dict:
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
     Block.GROUPS are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
     before it already quantized; two activation buffers (`hidden` and a scratch of its size) carry the stages.
     With `fp_hidden` (the full-precision model's input to this block, which becomes its output), a copy of the block
-    keeping its own weights runs the same stages beside it, for asymmetric calibration.
+    keeping its own weights runs the same stages beside it, for asymmetric calibration; its output comes with the
+    last group's inputs (its MLP's hidden activations are at hand then, and its weights never change).
     """
     tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
     device = block.ln_1.weight.device
@@ -330,7 +338,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             if method == "gptq":
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
                                        quant.static_groups, quant.damp_percent, mse=mse, asym_cross=cross,
-                                       group_act_order=group_act_order, name=name)
+                                       group_act_order=group_act_order, refine_passes=refine_passes, name=name)
                 # The baseline every paper reports: plain round-to-nearest on the min/max grid.
                 rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss
             else:
@@ -357,20 +365,24 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         for s in parts:
             start = clock(device)
             inputs = run_stage(block, stage, hidden, scratch, s, rope)
-            fp_inputs = run_stage(fp_block, stage, fp_hidden, fp_scratch, s, rope) if fp_block is not None else None
+            fp_inputs = None
+            if fp_block is not None:
+                fp_inputs = run_stage(fp_block, stage, fp_hidden, fp_scratch, s, rope)
+                if stage == len(Block.GROUPS) - 1:  # its weights stay: its output now, from the inputs at hand
+                    fp_hidden[s] = run_stage(fp_block, stage + 1, fp_hidden, fp_scratch, s, rope, fp_inputs)
             middle = clock(device)
             hessian.add_batch(inputs, fp_inputs)
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
         inputs = fp_inputs = None  # the last chunk's activations: not needed at GPTQ's peak
+        if stage == len(Block.GROUPS) - 1:  # the full-precision stream has its output: free it before the last GPTQ
+            fp_block = fp_scratch = None
         if input_scaling and group in NORM_BEFORE:
             scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
     start = clock(device)
     finish_block(block, hidden, scratch, parts, rope)
-    if fp_block is not None:
-        finish_block(fp_block, fp_hidden, fp_scratch, parts, rope)
     timings.forward_s += clock(device) - start
     return tensors
 
@@ -480,6 +492,8 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
     settings += ["input scaling"] * bool(options.get("input_scaling"))
     if options.get("asym_calibration"):
         settings.append(f"asymmetric calibration {options['asym_calibration']:g}")
+    if options.get("refine_passes"):
+        settings.append(f"{options['refine_passes']} refine passes")
     lines.append(", ".join(settings))
     lines.append(f"total time {report.seconds:.1f} s ({report.resumed_blocks} blocks resumed); peak RSS "
                  f"{report.peak_rss_bytes / gib:.2f} GiB" + (f", peak CUDA {report.peak_cuda_bytes / gib:.2f} GiB"
@@ -509,6 +523,7 @@ GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layo
 | asymmetric calibration (alpha) | {settings['asym_calibration']} |
 | clipped grid (mse) | {settings['mse']} |
 | input scaling | {settings['input_scaling']} |
+| refine passes | {settings['refine_passes']} |
 | true sequential | {q.true_sequential} |
 | calibration | {report.calibration} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
 | time | {report.seconds:.1f} s |

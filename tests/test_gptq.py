@@ -437,3 +437,83 @@ def test_all_finite_checks_every_slice_of_a_large_tensor():
         bad[where] = value
         assert not all_finite(bad)
     assert all_finite(torch.zeros(0))
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (3, 64, True), (4, 200 // 3, False), (4, -1, True)])
+@pytest.mark.parametrize("order", ["none", "group", "desc"])
+def test_refine_lowers_gptqs_output_error_and_keeps_the_layout(bits, group_size, sym, order):
+    k = 200  # 200 // 3 = 66: groups of 66, 66, 66 and 2
+    weight, hessian = correlated_layer(20, k=k)
+    if order == "group" and group_size == -1:
+        return
+    kwargs = dict(bits=bits, group_size=group_size, sym=sym, desc_act=order == "desc",
+                  group_act_order=order == "group", name="lin")
+    plain = gptq_quantize(weight, hessian, **kwargs)
+    losses = []
+    for passes in (1, 2):
+        refined = gptq_quantize(weight, hessian, refine_passes=passes, **kwargs)
+        check_invariants(refined, bits, group_size, sym, N, k)
+        assert torch.equal(refined.g_idx, plain.g_idx) and torch.equal(refined.zeros, plain.zeros)
+        # The reported loss is refine's own objective: the output error of the written weights.
+        assert refined.loss == pytest.approx(output_error(weight, refined, hessian), rel=1e-4)
+        losses.append(refined.loss)
+    assert losses[1] <= losses[0] < 0.99 * plain.loss
+
+
+def test_fitted_scales_are_the_least_squares_optimum_for_their_codes():
+    from qwen_quant.gptq import _fit_scales
+
+    weight, hessian = correlated_layer(21, k=96)
+    result = gptq_quantize(weight, hessian, 4, 32)
+    scales, objective = _fit_scales(weight, result.codes.float(), result.zeros.float(), result.scales,
+                                    result.g_idx, hessian)
+    fitted = QuantResult(result.codes, scales, result.zeros, result.g_idx, None, None)
+    assert objective == pytest.approx(2 * N * output_error(weight, fitted, hessian), rel=1e-4)
+    # No scale moved alone, up or down by 1 %, lowers the output error: the gradient is zero.
+    for g, n in ((0, 0), (1, 5), (2, 63)):
+        for factor in (0.99, 1.01):
+            moved = scales.clone()
+            moved[g, n] *= factor
+            trial = QuantResult(result.codes, moved, result.zeros, result.g_idx, None, None)
+            assert output_error(weight, trial, hessian) > output_error(weight, fitted, hessian)
+
+
+def test_a_group_whose_codes_all_sit_at_the_zero_point_keeps_its_scale():
+    from qwen_quant.gptq import _fit_scales
+
+    weight, hessian = correlated_layer(22, k=64)
+    weight[3, :32] = 0  # row 3's first group: every code at the zero point, nothing to fit
+    result = gptq_quantize(weight, hessian, 4, 32, mse=False)
+    assert (result.codes[3, :32] == result.zeros[0, 3]).all()
+    scales, _ = _fit_scales(weight, result.codes.float(), result.zeros.float(), result.scales, result.g_idx, hessian)
+    assert scales[0, 3] == result.scales[0, 3] and torch.isfinite(scales).all() and (scales > 0).all()
+
+
+def test_each_descended_code_is_the_nearest_level_to_its_optimum_given_the_others():
+    from qwen_quant.gptq import _descend_codes
+
+    weight, hessian = correlated_layer(23, k=64, n=8)
+    result = gptq_quantize(weight, hessian, 3, 16)
+    codes = _descend_codes(weight, result.codes.float(), result.zeros.float(), result.scales, result.g_idx, hessian,
+                           maxq=7, block_size=24)
+    # After the sweep, the last column's code is optimal given all the others (nothing changed after it): checked
+    # by trying every level of that column in float64.
+    g = result.g_idx.long()
+    scale, zero = result.scales[g].t().double(), result.zeros[g].t().double()
+    for row in range(8):
+        errors = []
+        for level in range(8):
+            trial = codes[row].double().clone()
+            trial[-1] = level
+            e = (trial - zero[row]) * scale[row] - weight[row].double()
+            errors.append(float(e @ hessian.double() @ e))
+        assert errors[int(codes[row, -1])] == pytest.approx(min(errors), rel=1e-9, abs=1e-9)
+    before = QuantResult(result.codes, result.scales, result.zeros, result.g_idx, None, None)
+    after = QuantResult(codes.int(), result.scales, result.zeros, result.g_idx, None, None)
+    assert output_error(weight, after, hessian) <= output_error(weight, before, hessian)
+
+
+def test_negative_refine_passes_are_refused():
+    weight, hessian = correlated_layer(24, k=64)
+    with pytest.raises(ValueError, match="lin: refine_passes must be >= 0"):
+        gptq_quantize(weight, hessian, 4, 32, refine_passes=-1, name="lin")

@@ -158,6 +158,8 @@ def tiny(tmp_path):
     (dict(bits=5), "bits=5 is not supported"),
     (dict(nsamples=2, seqlen=4096), "seqlen 4096 exceeds the model's max_position_embeddings 512"),
     (dict(method="awq"), "method 'awq' is not one of"),
+    (dict(refine_passes=-1), "refine_passes must be a whole number >= 0, got -1"),
+    (dict(refine_passes=1.5), "refine_passes must be a whole number >= 0, got 1.5"),
 ])
 def test_bad_settings(tiny, tmp_path, kwargs, message):
     folder, calib = tiny
@@ -252,6 +254,22 @@ def test_group_act_order_is_the_default_where_it_applies_and_the_card_says_so(tm
         assert report.options["group_act_order"] is expected, name
         assert ("group act-order" in summary_table(report)) is expected
         assert f"| group act-order | {expected} |" in (tmp_path / name / "README.md").read_text()
+
+
+def test_refine_lowers_every_layers_error_and_the_card_says_how_many_passes(tmp_path):
+    model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=1))
+    np.save(tmp_path / "calib.npy", np.arange(2000) % 512)
+    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=4, seqlen=32, progress=False,
+                  asym_calibration=0)  # the same inputs for both runs, so their layers can be compared one by one
+    plain = quantize(model, tmp_path / "plain", refine_passes=0, **kwargs)
+    refined = quantize(model, tmp_path / "refined", **kwargs)
+    assert refined.options["refine_passes"] == 2 and "2 refine passes" in summary_table(refined)
+    assert "refine passes" not in summary_table(plain)
+    assert "| refine passes | 2 |" in (tmp_path / "refined" / "README.md").read_text()
+    # c_attn sees the same inputs in both runs (the layers after it see the quantized layers before them).
+    assert [r.name for r in plain.layers] == [r.name for r in refined.layers]
+    assert plain.layers[0].name.endswith("attn.c_attn") and refined.layers[0].loss < plain.layers[0].loss
+    assert np.mean([a.loss / b.loss for a, b in zip(refined.layers, plain.layers)]) < 1
 
 
 def test_input_scaling_folds_into_the_norms_without_changing_the_function(stories_dir, tmp_path):

@@ -319,6 +319,7 @@ def test_memory_terms_are_never_negative():
     (["m", "--max-shard-size", "nan"], "argument --max-shard-size: nan must be a finite number above 0"),
     (["m", "--asym-calibration", "1.5"], "argument --asym-calibration: 1.5 must be a finite number at least 0 and "
                                          "at most 1"),
+    (["m", "--refine-passes", "-1"], "argument --refine-passes: -1 must be at least 0"),
 ])
 def test_cli_refuses_out_of_range_arguments_naming_the_option(argv, message, capsys):
     code, err, _ = run_cli(argv, capsys)
