@@ -256,11 +256,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     maxq = 2**bits - 1
     group = group_size if group_size > 0 else k
     target = weight.to(torch.float32).clone()
-    H = hessian.to(device=target.device, dtype=torch.float32).clone()
-
-    # An input that is always 0 leaves its column free: quantize it to 0 and give H a unit diagonal there.
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
+    H, dead = _free_dead_inputs(hessian, target.device)
     target[:, dead] = 0
 
     # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
@@ -329,10 +325,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         original_order[:, perm] = codes
         codes = original_order
     if refine_passes:
-        W = H = Hinv = None  # GPTQ's working copies: not needed any more, and refine has its own
-        exact = hessian.to(goal).clone()
-        exact[dead, dead] = 1
-        codes, scales, objective = refine(goal, codes, scales, zeros, g_idx, exact, maxq, refine_passes)
+        W = H = Hinv = None  # GPTQ's working copies (H permuted): freed, refine takes H in the original order again
+        codes, scales, objective = refine(goal, codes, scales, zeros, g_idx, _free_dead_inputs(hessian, goal.device)[0],
+                                          maxq, refine_passes)
     result = QuantResult(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
     if refine_passes and asym_cross is None:  # the goal was the layer's own weights: refine measured the loss
         result.loss = objective / (2 * n)
@@ -347,6 +342,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     damping_part = damp * H.diagonal().mean() * (original - result.dequantize()).square().sum(dtype=torch.float64)
     result.loss = float(damped_output_error - damping_part) / (2 * n)
     return result
+
+
+def _free_dead_inputs(hessian: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a float32 copy of H with a unit diagonal at dead inputs, the dead mask): an input that is always 0 leaves its
+    column free, so it is quantized to 0 and H stays invertible there."""
+    H = hessian.to(device=device, dtype=torch.float32).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    return H, dead
 
 
 def refine(goal: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,

@@ -163,43 +163,47 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
 
     streams = 2 if asym and gptq else 1
 
-    def block_terms(alive: int) -> list:
-        """(name, bytes, note) of the activation buffers and block weights while `alive` streams run (the
-        full-precision one is freed before the last group's GPTQ, its output kept)."""
+    # (name, bytes, note) of what a block holds while `alive` streams run: the full-precision one is freed before the
+    # last group's GPTQ, its output kept.
+    def activations(alive: int) -> tuple:
         buffers = 2 * alive + (streams - alive)
-        return [("calibration activations", buffers * T * h * act,
-                 f"hidden and mixed: {buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
-                 + ("" if streams == 1 else " (full-precision ones too)" if alive == 2
-                    else " (and the full-precision output)")),
-                ("one block's weights", alive * block_params * compute,
-                 f"{alive} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")]
+        return ("calibration activations", buffers * T * h * act,
+                f"hidden and mixed: {buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
+                + ("" if streams == 1 else " (full-precision ones too)" if alive == 2
+                   else " (and the full-precision output)"))
+
+    def weights(alive: int) -> tuple:
+        return ("one block's weights", alive * block_params * compute,
+                f"{alive} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")
 
     if gptq:
         # The block phase's widest moment: a layer's Cholesky (or refine after it), or a chunk of the MLP stage.
         squares = GPTQ_SQUARES + (streams - 1)  # and the cross term C, with asymmetric calibration
         refine_squares = REFINE_SQUARES + (streams - 1)
         copies = f"{GPTQ_WEIGHT_COPIES} fp32 weight copies" + (f" (refine: {REFINE_WEIGHT_COPIES})" if refine else "")
+        all_codes = 4 * sum(k * n for k, n, _ in linears)
         moments = []
         for path, (K, N, _) in linear_shapes(config).items():
             solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
                              refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N if refine else 0)
             # The block's other linears are done by then: their int32 codes wait in the block's report for on_block.
-            codes = 4 * (sum(k * n for k, n, _ in linears) - K * N)
-            moments.append(block_terms(1 if path in TRUE_SEQUENTIAL_GROUPS[-1] else streams) + [(
+            codes = all_codes - 4 * K * N
+            alive = 1 if path in TRUE_SEQUENTIAL_GROUPS[-1] else streams
+            moments.append([activations(alive), weights(alive), (
                 "GPTQ working copies", solver + codes,
                 f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (Hessian, its copies, Cholesky factors"
                 f"{', cross term' if streams == 2 else ''}), {copies} and the other linears' int32 codes")])
         # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
         # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
-        moments.append(block_terms(streams) + [(
+        moments.append([activations(streams), weights(streams), (
             "chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
             f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
             + (" (and the cross term's)" if streams == 2 else ""))])
         block_device = dict(term(*t) for t in max(moments, key=lambda terms: sum(t[1] for t in terms)))
     else:
-        block_device = dict([term(*block_terms(1)[1]), term("RTN working copies", 4 * 4 * largest_linear,
-                                                             "the widest linear's weight in fp32, its codes and "
-                                                             "dequantized copies")])
+        block_device = dict([term(*weights(1)), term("RTN working copies", 4 * 4 * largest_linear,
+                                                     "the widest linear's weight in fp32, its codes and dequantized "
+                                                     "copies")])
     embed_device = dict([term("embeddings in the compute dtype", T * h * act,
                               f"[{nsamples}, {seqlen}, {h}] {_name(dtype)}")])
     if cuda:

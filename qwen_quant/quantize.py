@@ -360,6 +360,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     fp_block = copy.deepcopy(block) if fp_hidden is not None else None
     fp_scratch = torch.empty_like(fp_hidden) if fp_hidden is not None else None
     for stage, group in enumerate(Block.GROUPS):
+        last = stage == len(Block.GROUPS) - 1
         hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device,
                                      asymmetric=fp_block is not None)
         for s in parts:
@@ -368,14 +369,14 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             fp_inputs = None
             if fp_block is not None:
                 fp_inputs = run_stage(fp_block, stage, fp_hidden, fp_scratch, s, rope)
-                if stage == len(Block.GROUPS) - 1:  # its weights stay: its output now, from the inputs at hand
+                if last:  # its weights stay: its output now, from the inputs at hand
                     fp_hidden[s] = run_stage(fp_block, stage + 1, fp_hidden, fp_scratch, s, rope, fp_inputs)
             middle = clock(device)
             hessian.add_batch(inputs, fp_inputs)
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
         inputs = fp_inputs = None  # the last chunk's activations: not needed at GPTQ's peak
-        if stage == len(Block.GROUPS) - 1:  # the full-precision stream has its output: free it before the last GPTQ
+        if last:  # the full-precision stream has its output: free it before the last GPTQ
             fp_block = fp_scratch = None
         if input_scaling and group in NORM_BEFORE:
             scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
