@@ -31,7 +31,7 @@ import torch
 from qwen_quant.config import REAL_VOCAB
 from qwen_quant.quantize import quantize
 
-from common import GIB, add_common_args, isolated, machine, machine_line, peak_rss_bytes, revision, \
+from common import GIB, add_common_args, isolated, machine, machine_line, revision, \
     shared_data_dir, table, write_json
 
 TARGET_S_PER_BLOCK, TARGET_PEAK_GIB = 40.0, 1.5  # at Qwen-1.8B shapes, 128 x 512 tokens, 4-bit g128, 2 cores
@@ -56,12 +56,10 @@ def quantize_job(model_dir: str, out_dir: str, settings: dict, threads: int = No
     """quantize() with the timings it reports per block (QuantizeReport.blocks) and the peak RSS after each block."""
     if threads:
         torch.set_num_threads(threads)
-    peaks = []
-    report = quantize(model_dir, out_dir, progress=False, overwrite=True,
-                      on_block=lambda block: peaks.append(peak_rss_bytes()), **settings)
+    report = quantize(model_dir, out_dir, progress=False, overwrite=True, **settings)
     blocks = [{"load_s": b.read_s, "forward_s": b.forward_s, "hessian_s": b.hessian_s, "gptq_s": b.gptq_s,
-               "save_s": b.write_s, "total_s": b.seconds, "cpu_s": b.cpu_s, "peak_rss_after": peak}
-              for b, peak in zip(report.blocks, peaks)]
+               "save_s": b.write_s, "total_s": b.seconds, "cpu_s": b.cpu_s, "peak_rss_after": b.peak_rss_bytes}
+              for b in report.blocks]
     ratios = [r.loss / r.rtn_loss for r in report.layers if r.loss is not None and r.rtn_loss]
     return {"seconds": report.seconds, "blocks": blocks, "embed_s": report.calibration_s, "export_s": report.export_s,
             "peak_rss_bytes": report.peak_rss_bytes, "peak_cuda_bytes": report.peak_cuda_bytes,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from qwen_quant.plan import peak_rss_bytes  # noqa: F401 (the scripts' high-water mark, VmHWM)
+
 GIB = 2**30
 MIB = 2**20
 
@@ -87,16 +89,6 @@ def rss_parts() -> dict:
                 key, value = line.split(":")
                 parts[key.strip()] = int(value.split()[0]) * 1024
     return parts
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's RSS so far: VmHWM, which starts afresh in a spawned child (ru_maxrss would
-    carry over the parent's peak across fork and exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cpu_seconds() -> float:

@@ -11,6 +11,7 @@ output feature, tr((W - Q) H (W - Q)^T) / (2 N), so GPTQ and RTN can be compared
 """
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,7 @@ MAX_DAMP_PERCENT = 1.0
 
 
 HESSIAN_BANDS = 4  # row bands of the upper-triangle accumulation: more bands skip more of the lower half
+SQUARE_BAND = 512  # rows or columns per step where a [K, K] is mirrored or gathered in bands (temporaries that wide)
 
 
 class HessianAccumulator:
@@ -77,10 +79,16 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> torch.Tensor:
+        """H itself (not a copy: a [K, K] less at GPTQ's peak): its lower triangle mirrored from the accumulated
+        upper one, in place and again after every add_batch."""
         if self.nsamples == 0:
             raise ValueError(f"{self.name}: no calibration tokens reached this layer, its Hessian is empty")
-        upper = self._hessian.triu()
-        H = upper + upper.triu(1).t()
+        H = self._hessian
+        for i0 in range(0, H.shape[0], SQUARE_BAND):
+            i1 = min(i0 + SQUARE_BAND, H.shape[0])
+            H[i0:i1, :i0] = H[:i0, i0:i1].t()
+            diagonal_block = H[i0:i1, i0:i1]
+            diagonal_block.copy_(diagonal_block.triu() + diagonal_block.triu(1).t())
         # A NaN or inf anywhere in the activations reaches H: one check here instead of one per batch.
         if not all_finite(H):
             raise ValueError(f"{self.name}: activations contain NaN or inf")
@@ -98,7 +106,7 @@ class QuantResult:
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
-        return (self.codes - self.zeros[g].t()).to(torch.float32) * self.scales[g].t()
+        return self.codes.to(torch.float32).sub_(self.zeros[g].t()).mul_(self.scales[g].t())
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool,
@@ -140,7 +148,7 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool,
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return (w / scale).round_().add_(zero).clamp_(0, maxq)  # in place: one weight-sized temporary, not four
 
 
 def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
@@ -176,7 +184,7 @@ def _group_params(w: torch.Tensor, group_size: int, bits: int, sym: bool, mse: b
 
 
 def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
-    return float(((error @ hessian) * error).sum() / (2 * error.shape[0]))
+    return float((error @ hessian).mul_(error).sum() / (2 * error.shape[0]))
 
 
 def _check_inputs(weight: torch.Tensor, bits: int, group_size: int, name: str) -> None:
@@ -256,22 +264,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     maxq = 2**bits - 1
     group = group_size if group_size > 0 else k
     target = weight.to(torch.float32).clone()
-    H, dead = _free_dead_inputs(hessian, target.device)
+    hessian = hessian.to(device=target.device, dtype=torch.float32)
+    dead = hessian.diagonal() == 0
     target[:, dead] = 0
+    importance = hessian.diagonal().masked_fill(dead, 1)
 
     # Act-order: quantize the columns with the largest inputs first, while many columns remain to absorb errors.
     positions = torch.arange(k, device=target.device)
     permuted = desc_act or group_act_order
-    perm = (_group_order(H.diagonal(), group) if group_act_order
-            else torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else positions)
-    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
-    W, H = (target[:, perm], H[perm][:, perm]) if permuted else (target, H)
+    perm = (_group_order(importance, group) if group_act_order
+            else torch.argsort(importance, descending=True, stable=True) if desc_act else positions)
     # Row i of this upper Cholesky factor of H^-1 says how column i's error moves the columns after it.
-    Hinv, damp = _inverse_hessian_cholesky(H, damp_percent, name)
+    Hinv, damp, mean_diagonal = _inverse_hessian_cholesky(
+        lambda: _free_dead_inputs(hessian, target.device, perm if permuted else None)[0], damp_percent, name)
+    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
+    W = target[:, perm] if permuted else target
     if asym_cross is not None:  # C's columns of dead inputs are 0: the shift leaves those columns at 0
         C = asym_cross.to(device=W.device, dtype=torch.float32)
-        C = C[perm][:, perm] if permuted else C
-        W += (W @ C @ Hinv.t()) @ Hinv  # W C H_damped^-1, with H_damped^-1 = Hinv^T Hinv
+        # W C H_damped^-1, with H_damped^-1 = Hinv^T Hinv
+        W += (_times_permuted(W, C, perm) if permuted else W @ C) @ Hinv.t() @ Hinv
         if permuted:
             target[:, perm] = W  # the fixed grid below reads the shifted weights in their original order
 
@@ -325,30 +336,46 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         original_order[:, perm] = codes
         codes = original_order
     if refine_passes:
-        W = H = Hinv = None  # GPTQ's working copies (H permuted): freed, refine takes H in the original order again
-        codes, scales, objective = refine(goal, codes, scales, zeros, g_idx, _free_dead_inputs(hessian, goal.device)[0],
-                                          maxq, refine_passes)
+        W = Hinv = None  # GPTQ's working copies: freed, refine takes H in the original order
+        codes, scales, objective = refine(goal, codes, scales, zeros, g_idx,
+                                          _free_dead_inputs(hessian, goal.device, copy=False)[0], maxq, refine_passes)
     result = QuantResult(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
+    target = goal = codes = W = None  # weight-sized copies the loss below does not need
     if refine_passes and asym_cross is None:  # the goal was the layer's own weights: refine measured the loss
         result.loss = objective / (2 * n)
         return result
     # Every update adds an error times a row of Hinv, so W - Q = errors @ Hinv, and Hinv H_damped Hinv^T = I: the
     # sum of squared errors is tr((W - Q) H_damped (W - Q)^T). Taking the damping's part off leaves the output error
     # under H itself, without the N x K x K product that computing it directly costs.
-    original = weight.to(torch.float32).masked_fill(dead, 0)
+    error = weight.to(torch.float32).masked_fill(dead, 0).sub_(result.dequantize())
     if asym_cross is not None:  # the shifted weights were the target: measure against the layer's own weights
-        result.loss = _output_error(original - result.dequantize(), hessian.to(original))
+        result.loss = _output_error(error, hessian.to(error))
         return result
-    damping_part = damp * H.diagonal().mean() * (original - result.dequantize()).square().sum(dtype=torch.float64)
+    damping_part = damp * mean_diagonal * error.square_().sum(dtype=torch.float64)
     result.loss = float(damped_output_error - damping_part) / (2 * n)
     return result
 
 
-def _free_dead_inputs(hessian: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a float32 copy of H with a unit diagonal at dead inputs, the dead mask): an input that is always 0 leaves its
-    column free, so it is quantized to 0 and H stays invertible there."""
-    H = hessian.to(device=device, dtype=torch.float32).clone()
+def _times_permuted(W: torch.Tensor, C: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """W @ C[perm][:, perm], gathering C a band of columns at a time: no permuted [K, K] copy at GPTQ's peak."""
+    product = torch.empty_like(W)
+    for j0 in range(0, C.shape[1], SQUARE_BAND):
+        columns = perm[j0:j0 + SQUARE_BAND]
+        product[:, j0:j0 + len(columns)] = W @ C[perm[:, None], columns]
+    return product
+
+
+def _free_dead_inputs(hessian: torch.Tensor, device, perm: torch.Tensor | None = None,
+                      copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 H with a unit diagonal at dead inputs, the dead mask): an input that is always 0 leaves its column
+    free, so it is quantized to 0 and H stays invertible there. perm: H's rows and columns in this order (one gather,
+    no second [K, K]). Without copy, H itself when it needs no change."""
+    H = hessian.to(device=device, dtype=torch.float32)
     dead = H.diagonal() == 0
+    if perm is not None:
+        H, dead = H[perm[:, None], perm], dead[perm]
+    elif copy or dead.any():
+        H = H.clone()
     H[dead, dead] = 1
     return H, dead
 
@@ -413,12 +440,12 @@ def _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal=None) -> tup
 
 
 def _descend_codes(goal, codes, zeros, scales, g_idx, H, maxq: int, block_size: int = 128) -> torch.Tensor:
-    """One sweep of coordinate descent on the codes: each column in turn moves to the level nearest its optimum given
-    every other column, goal_k - (E H)_k / H_kk + E_k for the error E = Q - goal. Columns go in blocks: E H for a
-    block's columns is one matmul at its start, kept current within the block by rank-1 updates."""
-    codes = codes.clone()
+    """One sweep of coordinate descent on the codes (updated in place): each column in turn moves to the level
+    nearest its optimum given every other column, goal_k - (E H)_k / H_kk + E_k for the error E = Q - goal. Columns
+    go in blocks: E H for a block's columns is one matmul at its start, kept current within the block by rank-1
+    updates."""
     g = g_idx.long()
-    error = (codes - zeros[g].t()) * scales[g].t() - goal
+    error = (codes - zeros[g].t()).mul_(scales[g].t()).sub_(goal)
     for i1 in range(0, goal.shape[1], block_size):
         i2 = min(i1 + block_size, goal.shape[1])
         error_h = error @ H[:, i1:i2]
@@ -485,23 +512,30 @@ def input_scales(weights: list, hessian: torch.Tensor, bits: int, group_size: in
     return best_scales
 
 
-def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 and the damp it took to be positive definite."""
+def _inverse_hessian_cholesky(working_copy: Callable[[], torch.Tensor], damp_percent: float,
+                               name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the damp it took to be positive definite and
+    mean(diag H), for the H that working_copy() returns afresh (damped in place, so called again for a retry). Each
+    step drops its input once its output exists: two [K, K] at a time besides the caller's."""
+    H = working_copy()
     mean_diagonal = H.diagonal().mean()
     if not torch.isfinite(mean_diagonal):  # finite entries can still overflow their sum
         raise ValueError(f"{name}: the Hessian's diagonal is too large to damp (its mean is {float(mean_diagonal)})")
     damp = damp_percent  # in [0, MAX_DAMP_PERCENT]: at most four tenfold raises reach the limit
     while True:
-        damped = H.clone()
-        damped.diagonal().add_(damp * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        H = working_copy() if H is None else H
+        H.diagonal().add_(damp * mean_diagonal)
+        lower, info = torch.linalg.cholesky_ex(H)
+        H = None
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse, lower = torch.cholesky_inverse(lower), None
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            inverse = None
             if info == 0 and all_finite(upper):
                 if damp != damp_percent:
                     warnings.warn(f"{name}: the Hessian is not positive definite with damp_percent={damp_percent}; "
                                   f"used damp_percent={damp:g}")
-                return upper, damp
+                return upper, damp, mean_diagonal
         if damp >= MAX_DAMP_PERCENT:
             raise ValueError(f"{name}: the Hessian is not positive definite even with damp_percent={damp:g}")
         # From zero, restart at a tenth of the usual 1 %.

@@ -17,6 +17,9 @@ BLOCK_NORMS = ("ln_1", "ln_2")
 QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 # True-sequential GPTQ: each group's Hessian is taken from inputs computed with the groups before it quantized.
 TRUE_SEQUENTIAL_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
+# The groups from this one on see only the residual stream after attention (x + c_proj(attention)), not the block's
+# input: quantization keeps that stream in the input's place from there on.
+RESIDUAL_GROUP = 2
 # The groups whose input is an RMSNorm's output, and that norm: a per-input-channel scale of their weights can be
 # undone in the norm's weight, so the model's function does not change.
 NORM_BEFORE = {("attn.c_attn",): "ln_1", ("mlp.w1", "mlp.w2"): "ln_2"}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import REAL_VOCAB, QwenConfig
-from .layout import BLOCKS, TRUE_SEQUENTIAL_GROUPS, linear_shapes
+from .layout import BLOCKS, RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
 from .loading import load_dequantized_weights, load_weights, open_checkpoint
 
 
@@ -62,7 +62,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]
-    return (xf * cos + rotated * sin).type_as(x)
+    return (xf * cos).add_(rotated.mul_(sin)).type_as(x)  # in place: two temporaries of x's size, not four
 
 
 class KVCache(nn.Module):
@@ -132,8 +132,9 @@ class MLP(nn.Module):
         self.c_proj = block_linear(config, "mlp.c_proj")
 
     def hidden(self, x):
-        """The input of c_proj: up * silu(gate)."""
-        return self.w1(x) * F.silu(self.w2(x))
+        """The input of c_proj: up * silu(gate), in place in the gate's output (two [tokens, ffn] alive, not four)."""
+        gate = self.w2(x)
+        return F.silu(gate, inplace=True).mul_(self.w1(x))
 
 
 class Block(nn.Module):
@@ -141,13 +142,15 @@ class Block(nn.Module):
     one stage over all its calibration chunks, quantize that group, and then run the next stage, without a second
     description of the block.
 
-    Stage i (0 <= i < len(GROUPS)) returns the input of GROUPS[i]; stage len(GROUPS) returns the block's output. Each
-    stage takes x, the block's input [B, T, h], and y, a scratch tensor of the same shape that carries the residual
-    stream between stages (updated in place), and may be given the previous stage's result (`previous`, else it is
-    recomputed): forward passes it on, quantization keeps only x and y.
+    Stage i (0 <= i < len(GROUPS)) returns the input of GROUPS[i]; stage len(GROUPS) returns the block's output. The
+    stages before RESIDUAL take x, the block's input [B, T, h], and y, a tensor of the same shape into which stage 1
+    writes the attention's output; add_attention then makes the residual stream after attention, and the stages from
+    RESIDUAL on read only that stream, as y (x is spent: quantization keeps the stream in x's place). Each stage may
+    be given the previous stage's result (`previous`, else it is recomputed): forward passes it on.
     """
 
     GROUPS = TRUE_SEQUENTIAL_GROUPS
+    RESIDUAL = RESIDUAL_GROUP  # the first stage that reads the residual stream (add_attention's output)
 
     def __init__(self, config: QwenConfig):
         super().__init__()
@@ -159,8 +162,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         y, result = torch.empty_like(x), None
         for stage in range(len(self.GROUPS) + 1):
+            if stage == self.RESIDUAL:
+                self.add_attention(x, y, out=y)
             result = self.stage(stage, x, y, rope, result)
         return result
+
+    def add_attention(self, x: torch.Tensor, attended: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention: x + c_proj(the attention's output), written into out."""
+        return torch.add(x, self.attn.c_proj(attended), out=out)
 
     def stage(self, stage: int, x: torch.Tensor, y: torch.Tensor, rope: Rope,
               previous: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -171,7 +180,6 @@ class Block(nn.Module):
             y.copy_(self.attn.mix(self.attn.c_attn(normed), rope))
             return y
         if stage == 2:  # w1 and w2 see ln_2 of the residual stream after attention, which y holds from here on
-            torch.add(x, self.attn.c_proj(y), out=y)
             return self.ln_2(y)
         if stage == 3:  # mlp.c_proj sees up * silu(gate)
             return self.mlp.hidden(self.ln_2(y) if previous is None else previous)

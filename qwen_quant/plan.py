@@ -11,6 +11,7 @@ memory-bound work. `check_plan` is the check quantize() makes before its first b
 import ctypes
 import functools
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 
 from .config import QwenConfig
 from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
-from .layout import TRUE_SEQUENTIAL_GROUPS, linear_shapes
+from .layout import RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
 from .memory import MemoryEstimate, format_memory_report
 from .published import find_published
 
@@ -47,16 +48,16 @@ TOKENIZER_BYTES = 64 * 2**20
 CUDA_RUNTIME_HOST_BYTES = 512 * 2**20
 # cuBLAS and cuSOLVER workspaces come from PyTorch's caching allocator (see memory.CUBLAS_WORKSPACE_BYTES).
 CUDA_WORKSPACE_BYTES = 64 * 2**20
-# Square matrices [K, K] fp32 alive at once at GPTQ's widest moment (the Cholesky of the inverse): the Hessian
-# accumulator, its symmetric copy, gptq_quantize's clone permuted into order, then the damped copy, its Cholesky
-# factor, the inverse and the inverse's upper factor.
-GPTQ_SQUARES = 7
-# Weight-sized fp32 matrices [N, K] alive then: the layer's weight in fp32, its clone and the permuted working copy.
+# Square matrices [K, K] fp32 alive at once at GPTQ's widest moment: the Hessian (the accumulator's own storage),
+# and two of gptq_quantize's working copies (each step of the inverse's Cholesky factor frees its input).
+GPTQ_SQUARES = 3
+# Weight-sized fp32 matrices [N, K] alive then: the layer's clone in fp32, its permuted working copy and the codes.
 GPTQ_WEIGHT_COPIES = 3
-# At refine's widest moment (gptq.refine, after GPTQ's working copies are freed): the accumulator, its symmetric copy
-# and refine's own copy of H; the target, the goal, the codes, goal @ H, the code offsets and a group's two products.
-REFINE_SQUARES = 3
-REFINE_WEIGHT_COPIES = 7
+# At refine's widest moment (gptq.refine, after GPTQ's working copies are freed): the Hessian alone (refine reads
+# it); the goal, the codes, goal @ H, and the code offsets with a group's two products (or a sweep's error and the
+# gathered scales).
+REFINE_SQUARES = 1
+REFINE_WEIGHT_COPIES = 6
 RATE_SECONDS = 0.2  # how long the matmul rate is measured, per dtype and device
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 2**20
@@ -90,6 +91,16 @@ def process_rss_bytes() -> int:
     """This process's RSS now: the interpreter, torch and the libraries a run starts from."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's RSS so far: VmHWM, which starts afresh in a spawned child (ru_maxrss would
+    carry over the parent's peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def return_freed_tensors_to_os() -> None:
@@ -162,46 +173,60 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         return name, nbytes
 
     streams = 2 if asym and gptq else 1
+    groups = [[linear_shapes(config)[path] for path in group] for group in TRUE_SEQUENTIAL_GROUPS]
 
-    # (name, bytes, note) of what a block holds while `alive` streams run: the full-precision one is freed before the
-    # last group's GPTQ, its output kept.
-    def activations(alive: int) -> tuple:
-        buffers = 2 * alive + (streams - alive)
+    # (name, bytes, note) of the activation buffers a block holds at the GPTQ of group `stage`: one per stream
+    # (the full-precision stream keeps its output), and the quantized stream's scratch for the attention's output
+    # until c_proj is quantized.
+    def activations(stage: int) -> tuple:
+        buffers = streams + (stage == RESIDUAL_GROUP - 1)
         return ("calibration activations", buffers * T * h * act,
-                f"hidden and mixed: {buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}"
-                + ("" if streams == 1 else " (full-precision ones too)" if alive == 2
-                   else " (and the full-precision output)"))
+                f"{buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}: "
+                + ("the quantized" if streams == 2 else "the") + " model's stream"
+                + (", the full-precision model's" if streams == 2 else "")
+                + (", the attention's output" if stage == RESIDUAL_GROUP - 1 else ""))
 
-    def weights(alive: int) -> tuple:
-        return ("one block's weights", alive * block_params * compute,
-                f"{alive} x {block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}")
+    # The block's weights; with the full-precision stream, the originals of the `done` parameters quantized so far
+    # that its block keeps (the two blocks share the others; it is freed before the last group's GPTQ).
+    def weights(done: int) -> tuple:
+        kept = done if streams == 2 else 0
+        return ("one block's weights", (block_params + kept) * compute,
+                f"{block_params / 1e6:.1f}M parameters in {_name(compute_dtype)}"
+                + (f", and {kept / 1e6:.1f}M originals for the full-precision stream" if kept else ""))
 
     if gptq:
-        # The block phase's widest moment: a layer's Cholesky (or refine after it), or a chunk of the MLP stage.
+        # The block phase's widest moment: a layer's Cholesky (or refine after it), or a chunk of the MLP or the
+        # attention stage.
         squares = GPTQ_SQUARES + (streams - 1)  # and the cross term C, with asymmetric calibration
         refine_squares = REFINE_SQUARES + (streams - 1)
         copies = f"{GPTQ_WEIGHT_COPIES} fp32 weight copies" + (f" (refine: {REFINE_WEIGHT_COPIES})" if refine else "")
-        all_codes = 4 * sum(k * n for k, n, _ in linears)
-        moments = []
-        for path, (K, N, _) in linear_shapes(config).items():
-            solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
-                             refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N if refine else 0)
-            # The block's other linears are done by then: their int32 codes wait in the block's report for on_block.
-            codes = all_codes - 4 * K * N
-            alive = 1 if path in TRUE_SEQUENTIAL_GROUPS[-1] else streams
-            moments.append([activations(alive), weights(alive), (
-                "GPTQ working copies", solver + codes,
-                f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (Hessian, its copies, Cholesky factors"
-                f"{', cross term' if streams == 2 else ''}), {copies} and the other linears' int32 codes")])
-        # The MLP stage's chunk: w1 and w2 outputs, silu and the product (compute dtype), or the product and its
-        # fp32 copy for the Hessian; the norm's fp32 input; beside the fp32 [ff, ff] accumulator.
-        moments.append([activations(streams), weights(streams), (
-            "chunk temporaries", streams * (rows * (max(4 * compute, compute + 4) * ff + 4 * h) + 4 * ff * ff),
+        moments, done = [], 0
+        for stage, group in enumerate(groups):
+            for K, N, _ in group:
+                solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
+                                 refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N if refine else 0)
+                moments.append([activations(stage), weights(done if stage < len(groups) - 1 else 0), (
+                    "GPTQ working copies", solver,
+                    f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (the Hessian"
+                    f"{', the cross term' if streams == 2 else ''}, two working copies), {copies}")])
+                done += K * N
+        # The MLP stage's chunk (one stream's input kept while the other computes its gate and up outputs, or both
+        # streams' inputs, their fp32 copies and the difference for the Hessians), beside the [ff, ff] accumulators.
+        fp32_copy = 0 if compute == 4 else 4
+        per_row = (max(2 * compute, compute + fp32_copy) if streams == 1
+                   else max(3 * compute, 2 * (compute + fp32_copy) + 4))
+        moments.append([activations(len(groups) - 1), weights(sum(K * N for g in groups[:-1] for K, N, _ in g)), (
+            "chunk temporaries", rows * (per_row * ff + 4 * h) + streams * 4 * ff * ff,
             f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
             + (" (and the cross term's)" if streams == 2 else ""))])
+        # The attention stage's chunk: ln_1's output and the input's copy, c_attn's output, the rotated queries and
+        # keys, the attention's scores and output (compute dtype), beside the attention's output waiting in scratch.
+        moments.append([activations(RESIDUAL_GROUP - 1), weights(groups[0][0][0] * groups[0][0][1]),
+                        ("chunk temporaries", rows * compute * (9 * h + config.num_attention_heads * seqlen),
+                         f"{rows} token rows of the attention stage: c_attn's output, queries, keys, scores")])
         block_device = dict(term(*t) for t in max(moments, key=lambda terms: sum(t[1] for t in terms)))
     else:
-        block_device = dict([term(*weights(1)), term("RTN working copies", 4 * 4 * largest_linear,
+        block_device = dict([term(*weights(0)), term("RTN working copies", 4 * 4 * largest_linear,
                                                      "the widest linear's weight in fp32, its codes and dequantized "
                                                      "copies")])
     embed_device = dict([term("embeddings in the compute dtype", T * h * act,

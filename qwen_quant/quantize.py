@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
 from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, valid_group_size, values_per_period
-from .plan import (CHUNK_TOKENS, block_compute_dtype, check_plan, plan_quantization, plan_totals,
-                   return_freed_tensors_to_os)
+from .plan import (CHUNK_TOKENS, block_compute_dtype, check_plan, peak_rss_bytes, plan_quantization,
+                   plan_totals, return_freed_tensors_to_os)
 from .published import find_published
 from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
 
@@ -66,9 +65,11 @@ class BlockReport:
     seconds: float = 0.0  # the whole block
     cpu_s: float = 0.0  # process CPU time of the whole block, all threads
     resumed: bool = False
+    peak_rss_bytes: int = 0  # the process's peak RSS so far, read when the block is done
     # The quantizer's output (QuantResult) per linear name while quantize()'s on_block runs, then emptied so that the
-    # report holds no tensors; empty for a resumed block.
-    results: dict = field(default_factory=dict, repr=False, compare=False)
+    # report holds no tensors; kept only for an on_block (the codes of a block's finished linears would sit beside
+    # its widest GPTQ), empty for a resumed block.
+    results: Optional[dict] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -198,7 +199,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
     for i in bar:
         prefix = block_prefix(i)
-        timings = BlockReport(i)
+        timings = BlockReport(i, results={} if on_block is not None else None)
         block_start, block_cpu = clock(device), time.process_time()
         with torch.device("meta"):
             block = Block(config)
@@ -233,6 +234,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                              f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
         del block
         timings.seconds, timings.cpu_s = clock(device) - block_start, time.process_time() - block_cpu
+        timings.peak_rss_bytes = peak_rss_bytes()
         report.layers += timings.layers
         report.blocks.append(timings)
         if on_block is not None:
@@ -260,7 +262,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
                             "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
     report.seconds = time.time() - start
-    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.peak_rss_bytes = peak_rss_bytes()
     if device.type == "cuda":
         report.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
     (out / "README.md").write_text(model_card(report, folder, settings), encoding="utf-8")
@@ -291,15 +293,26 @@ def chunks(n_samples: int, seqlen: int):
     return [slice(s, min(s + step, n_samples)) for s in range(0, n_samples, step)]
 
 
-def run_stage(block: Block, stage: int, hidden: torch.Tensor, scratch: torch.Tensor, s: slice, rope,
+def run_stage(block: Block, stage: int, x: Optional[torch.Tensor], y: Optional[torch.Tensor], rope,
               previous=None) -> torch.Tensor:
-    """Block.stage on the chunk s of the activation buffers, in the block's dtype; the scratch keeps its update."""
+    """Block.stage on one chunk's views of the activation buffers, computed in the block's dtype; y keeps what the
+    stage writes into it. x is None from Block.RESIDUAL on, where y holds the residual stream."""
     dtype = block.ln_1.weight.dtype
-    x, y = hidden[s].to(dtype), scratch[s].to(dtype)
-    result = block.stage(stage, x, y, rope, previous)
-    if scratch.dtype != dtype:  # y is a copy: store what the stage wrote into it
-        scratch[s] = y
+    y_work = None if y is None else y.to(dtype)
+    result = block.stage(stage, None if x is None else x.to(dtype), y_work, rope, previous)
+    if y_work is not y:  # a copy in the block's dtype: store what the stage wrote into it
+        y.copy_(y_work)
     return result
+
+
+def add_attention(block: Block, x: torch.Tensor, attended: torch.Tensor) -> None:
+    """Block.add_attention on one chunk's views, in the block's dtype: the residual stream after attention takes the
+    place of the block's input x, which no later stage reads."""
+    dtype = block.ln_1.weight.dtype
+    x_work = x.to(dtype)
+    block.add_attention(x_work, attended.to(dtype), out=x_work)
+    if x_work is not x:
+        x.copy_(x_work)
 
 
 def clock(device: torch.device) -> float:
@@ -317,10 +330,12 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
     Block.GROUPS are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
-    before it already quantized; two activation buffers (`hidden` and a scratch of its size) carry the stages.
+    before it already quantized: `hidden` carries the stages (the block's input, then the residual stream after
+    attention), and a scratch of its size carries the attention's output from stage 1 to Block.RESIDUAL.
     With `fp_hidden` (the full-precision model's input to this block, which becomes its output), a copy of the block
-    keeping its own weights runs the same stages beside it, for asymmetric calibration; its output comes with the
-    last group's inputs (its MLP's hidden activations are at hand then, and its weights never change).
+    keeping its own weights runs the same stages beside it, for asymmetric calibration; as its weights never change,
+    it adds attention chunk by chunk at once and gives its output with the last group's inputs (its MLP's hidden
+    activations are at hand then).
     """
     tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
     device = block.ln_1.weight.device
@@ -347,7 +362,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             set_dequantized(linear, tensors, name, quant, linear.weight.dtype)
             seconds = clock(device) - t0
             timings.gptq_s += seconds
-            timings.results[name] = result
+            if timings.results is not None:
+                timings.results[name] = result
             timings.layers.append(LayerReport(name, tuple(w.shape), hessian.nsamples if hessian else 0, result.loss,
                                               rtn_loss, result.damp, seconds))
 
@@ -355,27 +371,42 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         quantize_group(QUANTIZED_LINEARS, None)
         return tensors
 
-    scratch = torch.empty_like(hidden)
     parts = chunks(hidden.shape[0], hidden.shape[1])
-    fp_block = copy.deepcopy(block) if fp_hidden is not None else None
-    fp_scratch = torch.empty_like(fp_hidden) if fp_hidden is not None else None
+    # Attention's output waits for the quantized c_proj in `scratch`, from stage 1 until add_attention at RESIDUAL;
+    # from then on `hidden` holds the residual stream and, at the end, the block's output.
+    scratch = None
+    # The full-precision stream's block shares the weights until quantize_group replaces one (the copy keeps the
+    # original). Its weights never change, so it adds attention at once, in one chunk's scratch.
+    fp_block = copy.deepcopy(block, {id(p): p for p in block.parameters()}) if fp_hidden is not None else None
+    fp_scratch = torch.empty_like(fp_hidden[parts[0]]) if fp_hidden is not None else None
     for stage, group in enumerate(Block.GROUPS):
         last = stage == len(Block.GROUPS) - 1
         hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device,
                                      asymmetric=fp_block is not None)
+        if stage == Block.RESIDUAL - 1:
+            scratch = torch.empty_like(hidden)
         for s in parts:
             start = clock(device)
-            inputs = run_stage(block, stage, hidden, scratch, s, rope)
+            if stage == Block.RESIDUAL:  # c_proj is quantized: the residual stream takes the spent input's place
+                add_attention(block, hidden[s], scratch[s])
+            inputs = (run_stage(block, stage, hidden[s], None if scratch is None else scratch[s], rope)
+                      if stage < Block.RESIDUAL else run_stage(block, stage, None, hidden[s], rope))
             fp_inputs = None
             if fp_block is not None:
-                fp_inputs = run_stage(fp_block, stage, fp_hidden, fp_scratch, s, rope)
-                if last:  # its weights stay: its output now, from the inputs at hand
-                    fp_hidden[s] = run_stage(fp_block, stage + 1, fp_hidden, fp_scratch, s, rope, fp_inputs)
+                fp_attended = fp_scratch[:s.stop - s.start]
+                fp_inputs = (run_stage(fp_block, stage, fp_hidden[s], fp_attended if stage else None, rope)
+                             if stage < Block.RESIDUAL else run_stage(fp_block, stage, None, fp_hidden[s], rope))
+                if stage == Block.RESIDUAL - 1:
+                    add_attention(fp_block, fp_hidden[s], fp_attended)
+                if last:  # its output now, from the inputs at hand
+                    fp_hidden[s] = run_stage(fp_block, stage + 1, None, fp_hidden[s], rope, fp_inputs)
             middle = clock(device)
             hessian.add_batch(inputs, fp_inputs)
+            inputs = fp_inputs = None  # not beside the next chunk's, nor at GPTQ's peak
             timings.forward_s += middle - start
             timings.hessian_s += clock(device) - middle
-        inputs = fp_inputs = None  # the last chunk's activations: not needed at GPTQ's peak
+        if stage == Block.RESIDUAL:
+            scratch = None
         if last:  # the full-precision stream has its output: free it before the last GPTQ
             fp_block = fp_scratch = None
         if input_scaling and group in NORM_BEFORE:
@@ -383,7 +414,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
     start = clock(device)
-    finish_block(block, hidden, scratch, parts, rope)
+    for s in parts:
+        hidden[s] = run_stage(block, len(Block.GROUPS), None, hidden[s], rope)
     timings.forward_s += clock(device) - start
     return tensors
 
@@ -398,28 +430,24 @@ def scale_inputs(block: Block, group: tuple, norm_path: str, hessian: HessianAcc
     norm = block.get_submodule(norm_path)
     name = f"{prefix}{norm_path}.weight"
     tensors[name] = to_fp16(norm.weight.float() / scales, name)
-    norm.weight.copy_(tensors[name])
+    # New tensors, not in place: the full-precision stream's block shares the old ones.
+    norm.weight = torch.nn.Parameter(tensors[name].to(norm.weight), requires_grad=False)
     for linear in linears:
-        linear.weight.mul_(scales.to(linear.weight))
+        linear.weight = torch.nn.Parameter(linear.weight * scales.to(linear.weight), requires_grad=False)
     hessian.scale_inputs(scales)
-
-
-def finish_block(block: Block, hidden: torch.Tensor, scratch: torch.Tensor, parts: list, rope) -> None:
-    for s in parts:
-        hidden[s] = run_stage(block, len(Block.GROUPS), hidden, scratch, s, rope)
 
 
 @torch.inference_mode()
 def run_block(block: Block, hidden: torch.Tensor, rope) -> None:
-    """The output of an already quantized block, by the same stages and roundings as quantize_block."""
-    scratch = torch.empty_like(hidden)
+    """The output of an already quantized block, into `hidden`, by the same stages and roundings as quantize_block
+    (a block whose weights stay runs chunk by chunk: one chunk's scratch)."""
     parts = chunks(hidden.shape[0], hidden.shape[1])
-    # Only stages 1 and 2 write the scratch (attention output, then the residual stream); the others only return a
-    # layer's inputs, which a resumed block does not need.
-    for stage in (1, 2):
-        for s in parts:
-            run_stage(block, stage, hidden, scratch, s, rope)
-    finish_block(block, hidden, scratch, parts, rope)
+    scratch = torch.empty_like(hidden[parts[0]])
+    for s in parts:
+        attended = scratch[:s.stop - s.start]
+        run_stage(block, 1, hidden[s], attended, rope)
+        add_attention(block, hidden[s], attended)
+        hidden[s] = run_stage(block, len(Block.GROUPS), None, hidden[s], rope)
 
 
 def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantConfig) -> dict:

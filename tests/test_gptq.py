@@ -93,6 +93,38 @@ def test_hessian_accumulator_is_the_running_mean_of_2_x_xt():
     assert acc.hessian.dtype == torch.float32
 
 
+def test_hessian_accumulator_mirrors_in_place_across_bands_and_batches():
+    """H is the accumulator's own storage (no [K, K] copy at GPTQ's peak), mirrored from its upper triangle band by
+    band; read between batches, it still ends as the mean of all; GPTQ leaves it as it was."""
+    gen = torch.Generator().manual_seed(3)
+    k = 1100  # three bands of mirroring, the last one shorter
+    batches = [torch.randn(700, k, generator=gen), torch.randn(900, k, generator=gen)]
+    acc = HessianAccumulator(k)
+    acc.add_batch(batches[0])
+    first = acc.hessian
+    assert torch.equal(first, first.t())
+    acc.add_batch(batches[1])
+    H = acc.hessian
+    assert H.data_ptr() == first.data_ptr()  # the storage itself
+    assert torch.equal(H, H.t())
+    rows = torch.cat(batches).double()
+    assert torch.allclose(H.double(), 2 / rows.shape[0] * rows.t() @ rows, rtol=1e-4, atol=1e-4)
+    before = H.clone()
+    weight = torch.randn(16, k, generator=gen)
+    gptq_quantize(weight, H, 4, 128, group_act_order=True, refine_passes=1)
+    gptq_quantize(weight, H, 4, 128, desc_act=True)
+    assert torch.equal(H, before)
+
+
+def test_the_permuted_product_gathers_in_bands_what_a_whole_gather_gives():
+    from qwen_quant.gptq import _times_permuted
+
+    gen = torch.Generator().manual_seed(4)
+    k = 1100  # bands of columns, the last one shorter
+    W, C, perm = torch.randn(24, k, generator=gen), torch.randn(k, k, generator=gen), torch.randperm(k, generator=gen)
+    assert torch.allclose(_times_permuted(W, C, perm), W @ C[perm][:, perm], rtol=1e-5, atol=1e-4)
+
+
 def test_hessian_accumulator_fails_loudly():
     acc = HessianAccumulator(8, name="h.3.mlp.c_proj")
     with pytest.raises(ValueError, match="h.3.mlp.c_proj.*no calibration tokens"):

@@ -118,7 +118,8 @@ def test_resume_after_a_kill_gives_identical_bytes(tmp_path, options):
     model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
     calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
     np.save(tmp_path / "calib.npy", calib)
-    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=8, seqlen=32, progress=False,
+    # 72 windows of 32 tokens: two forward chunks, the last one shorter (plan.CHUNK_TOKENS, 2048, is 64 windows).
+    kwargs = dict(bits=4, group_size=32, calibration=tmp_path / "calib.npy", nsamples=72, seqlen=32, progress=False,
                   **options)
     quantize(model, tmp_path / "straight", **kwargs)
 
