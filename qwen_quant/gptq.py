@@ -105,8 +105,21 @@ class QuantResult:
     damp: float | None  # damp_percent actually used (raised when H needed more); None for RTN
 
     def dequantize(self) -> torch.Tensor:
-        g = self.g_idx.long()
-        return self.codes.to(torch.float32).sub_(self.zeros[g].t()).mul_(self.scales[g].t())
+        return _code_values(self.codes, self.zeros, self.g_idx, self.scales)
+
+
+def _code_values(codes: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes - zero) * scale [N, K] in float32 (without scales: the offsets codes - zero), the group parameters
+    gathered a band of columns at a time: no weight-sized gather beside the result."""
+    values = codes.to(torch.float32, copy=True)
+    g = g_idx.long()
+    for c0 in range(0, values.shape[1], SQUARE_BAND):
+        band = g[c0:c0 + SQUARE_BAND]
+        part = values[:, c0:c0 + SQUARE_BAND].sub_(zeros[band].t())
+        if scales is not None:
+            part.mul_(scales[band].t())
+    return values
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool,
@@ -309,7 +322,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if not fixed_grid:
         block_size = max(block_size // group, 1) * group
 
-    codes = torch.empty(n, k, device=W.device)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)  # levels 0 .. 255: a quarter of float32's bytes
     damped_output_error = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -347,7 +360,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     # Every update adds an error times a row of Hinv, so W - Q = errors @ Hinv, and Hinv H_damped Hinv^T = I: the
     # sum of squared errors is tr((W - Q) H_damped (W - Q)^T). Taking the damping's part off leaves the output error
     # under H itself, without the N x K x K product that computing it directly costs.
-    error = weight.to(torch.float32).masked_fill(dead, 0).sub_(result.dequantize())
+    error = result.dequantize().neg_().add_(weight)  # weight - Q, in the dequantized copy
+    error[:, dead] = 0  # the dead columns' codes sit at the zero point: both are 0 there
     if asym_cross is not None:  # the shifted weights were the target: measure against the layer's own weights
         result.loss = _output_error(error, hessian.to(error))
         return result
@@ -386,24 +400,22 @@ def refine(goal: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     the least-squares scales for the codes, then one sweep re-choosing each code as the nearest level to its
     optimum given all the others; the scales once more at the end. Zero points stay (the symmetric grid's is fixed).
     Returns the codes, the scales and the objective (summed over rows)."""
-    weighted_goal = goal @ H
     for _ in range(passes):
-        scales, _ = _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal)
+        scales, _ = _fit_scales(goal, codes, zeros, scales, g_idx, H)
         codes = _descend_codes(goal, codes, zeros, scales, g_idx, H, maxq)
-    scales, objective = _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal)
+    scales, objective = _fit_scales(goal, codes, zeros, scales, g_idx, H)
     return codes, scales, objective
 
 
-def _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal=None) -> tuple[torch.Tensor, float]:
+def _fit_scales(goal, codes, zeros, scales, g_idx, H) -> tuple[torch.Tensor, float]:
     """Per row n the scales s [G] that minimize (w - D s)^T H (w - D s), D [K, G] holding row n's code offsets
     (codes - zero) in its groups' columns: the normal equations (D^T H D) s = D^T H w, one G x G system per row.
     A group whose codes are all at the zero point (or a failed solve, or a scale that comes out <= 0) keeps its
-    scale. weighted_goal: goal @ H, when the caller has it. Returns the scales [G, N] and the objective they reach
-    (summed over rows)."""
+    scale. Returns the scales [G, N] and the objective they reach (summed over rows)."""
     n, k = goal.shape
     groups = scales.shape[0]
     g = g_idx.long()
-    offsets = codes - zeros[g].t()  # [N, K]
+    offsets = _code_values(codes, zeros, g_idx)  # [N, K]
     group_columns = [(g == j).nonzero().squeeze(1) for j in range(groups)]
     # Groups that are runs of columns (no column act-order): sums per group are slices, and the symmetric normal
     # matrix needs only the groups from j on for its column j (half the arithmetic).
@@ -417,13 +429,16 @@ def _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal=None) -> tup
         start = int(group_columns[first][0])
         return torch.stack([x[:, c[0] - start:c[-1] + 1 - start].sum(dim=1) for c in group_columns[first:]], dim=1)
 
-    weighted_goal = goal @ H if weighted_goal is None else weighted_goal
+    # goal @ H is computed again by every fit rather than kept: a weight-sized matrix less at refine's peak.
+    weighted_goal = goal @ H
     rhs = per_group(offsets * weighted_goal, 0)
+    goal_energy = (goal * weighted_goal).sum(dim=1)
+    weighted_goal = None
     normal = torch.empty(n, groups, groups, device=goal.device)
     for j, columns in enumerate(group_columns):
         # Row n: H D_n's column j (the j-th group's offsets through H), then D_n^T of it, summed per group.
         start = int(columns[0]) if in_order else 0
-        column = per_group(offsets[:, start:] * (offsets[:, columns] @ H[columns, start:]), j)
+        column = per_group((offsets[:, columns] @ H[columns, start:]).mul_(offsets[:, start:]), j)
         normal[:, j:, j] = column
         normal[:, j, j:] = column
     diagonal = normal.diagonal(dim1=1, dim2=2)
@@ -434,7 +449,7 @@ def _fit_scales(goal, codes, zeros, scales, g_idx, H, weighted_goal=None) -> tup
     fitted = torch.where(keep, scales.t(), fitted)
     diagonal.sub_(unused)
     # The objective: w H w - 2 s . D^T H w + s^T (D^T H D) s.
-    objective = ((goal * weighted_goal).sum(dim=1) - 2 * (fitted * rhs).sum(dim=1)
+    objective = (goal_energy - 2 * (fitted * rhs).sum(dim=1)
                  + (fitted[:, None, :] @ normal @ fitted[:, :, None]).flatten())
     return fitted.t().contiguous(), float(objective.sum())
 
@@ -445,7 +460,7 @@ def _descend_codes(goal, codes, zeros, scales, g_idx, H, maxq: int, block_size: 
     go in blocks: E H for a block's columns is one matmul at its start, kept current within the block by rank-1
     updates."""
     g = g_idx.long()
-    error = (codes - zeros[g].t()).mul_(scales[g].t()).sub_(goal)
+    error = _code_values(codes, zeros, g_idx, scales).sub_(goal)
     for i1 in range(0, goal.shape[1], block_size):
         i2 = min(i1 + block_size, goal.shape[1])
         error_h = error @ H[:, i1:i2]

@@ -51,13 +51,13 @@ CUDA_WORKSPACE_BYTES = 64 * 2**20
 # Square matrices [K, K] fp32 alive at once at GPTQ's widest moment: the Hessian (the accumulator's own storage),
 # and two of gptq_quantize's working copies (each step of the inverse's Cholesky factor frees its input).
 GPTQ_SQUARES = 3
-# Weight-sized fp32 matrices [N, K] alive then: the layer's clone in fp32, its permuted working copy and the codes.
+# Weight-sized fp32 matrices [N, K] alive then: the layer's clone in fp32, its permuted working copy and, with
+# asymmetric calibration, the shift W C H^-1 (the uint8 codes come after).
 GPTQ_WEIGHT_COPIES = 3
 # At refine's widest moment (gptq.refine, after GPTQ's working copies are freed): the Hessian alone (refine reads
-# it); the goal, the codes, goal @ H, and the code offsets with a group's two products (or a sweep's error and the
-# gathered scales).
+# it); the goal, the code offsets, goal @ H and their product for the scales' right-hand side, and the uint8 codes.
 REFINE_SQUARES = 1
-REFINE_WEIGHT_COPIES = 6
+REFINE_WEIGHT_COPIES = 4.25
 RATE_SECONDS = 0.2  # how long the matmul rate is measured, per dtype and device
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 2**20
@@ -187,7 +187,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
                 + (", the attention's output" if stage == RESIDUAL_GROUP - 1 else ""))
 
     # The block's weights; with the full-precision stream, the originals of the `done` parameters quantized so far
-    # that its block keeps (the two blocks share the others; it is freed before the last group's GPTQ).
+    # that its block keeps (the two blocks share the others; its attention goes once added, the rest before the last
+    # group's GPTQ).
     def weights(done: int) -> tuple:
         kept = done if streams == 2 else 0
         return ("one block's weights", (block_params + kept) * compute,
@@ -202,9 +203,10 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         copies = f"{GPTQ_WEIGHT_COPIES} fp32 weight copies" + (f" (refine: {REFINE_WEIGHT_COPIES})" if refine else "")
         moments, done = [], 0
         for stage, group in enumerate(groups):
+            done = 0 if stage == RESIDUAL_GROUP else done  # the attention's originals are freed once it is added
             for K, N, _ in group:
                 solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
-                                 refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N if refine else 0)
+                                 int(refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N) if refine else 0)
                 moments.append([activations(stage), weights(done if stage < len(groups) - 1 else 0), (
                     "GPTQ working copies", solver,
                     f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (the Hessian"
@@ -215,7 +217,9 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         fp32_copy = 0 if compute == 4 else 4
         per_row = (max(2 * compute, compute + fp32_copy) if streams == 1
                    else max(3 * compute, 2 * (compute + fp32_copy) + 4))
-        moments.append([activations(len(groups) - 1), weights(sum(K * N for g in groups[:-1] for K, N, _ in g)), (
+        # (The full-precision block keeps the originals of w1 and w2 then; its attention is spent and freed.)
+        mlp_originals = sum(K * N for g in groups[RESIDUAL_GROUP:-1] for K, N, _ in g)
+        moments.append([activations(len(groups) - 1), weights(mlp_originals), (
             "chunk temporaries", rows * (per_row * ff + 4 * h) + streams * 4 * ff * ff,
             f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
             + (" (and the cross term's)" if streams == 2 else ""))])
@@ -286,8 +290,8 @@ def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gpt
     hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
     solve = sum(4 * K**3 // 3 + N * K * K for K, N, _ in linears)
-    if refine_passes:  # goal @ H once, per pass a sweep (N K^2) and a fit of the scales (half of N K^2), one more fit
-        solve += sum(2 * N * K * K * (1 + refine_passes + (refine_passes + 1) / 2) for K, N, _ in linears)
+    if refine_passes:  # per pass a fit of the scales (goal @ H and half of N K^2) and a sweep (N K^2); one more fit
+        solve += sum(2 * N * K * K * (refine_passes + 1.5 * (refine_passes + 1)) for K, N, _ in linears)
     if asym:  # the full-precision block's forwards, the full [K, K] cross terms, the shift W C H^-1 and the loss
         forwards += fp_forwards
         hessians += 2 * T * (3 * h * h + ff * ff)

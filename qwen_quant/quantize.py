@@ -407,8 +407,10 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             timings.hessian_s += clock(device) - middle
         if stage == Block.RESIDUAL:
             scratch = None
+        if fp_block is not None and stage == Block.RESIDUAL - 1:
+            fp_block.attn = None  # spent: the full-precision stream has added attention
         if last:  # the full-precision stream has its output: free it before the last GPTQ
-            fp_block = fp_scratch = None
+            fp_block = fp_scratch = fp_attended = None
         if input_scaling and group in NORM_BEFORE:
             scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
