@@ -293,13 +293,16 @@ def chunks(n_samples: int, seqlen: int):
     return [slice(s, min(s + step, n_samples)) for s in range(0, n_samples, step)]
 
 
-def run_stage(block: Block, stage: int, x: Optional[torch.Tensor], y: Optional[torch.Tensor], rope,
+def run_stage(block: Block, stage: int, hidden: torch.Tensor, attended: Optional[torch.Tensor], rope,
               previous=None) -> torch.Tensor:
-    """Block.stage on one chunk's views of the activation buffers, computed in the block's dtype; y keeps what the
-    stage writes into it. x is None from Block.RESIDUAL on, where y holds the residual stream."""
+    """Block.stage on one chunk's views, computed in the block's dtype: `hidden` holds the block's input before
+    Block.RESIDUAL and the residual stream from it on; `attended` receives the attention's output (stage 1)."""
     dtype = block.ln_1.weight.dtype
+    if stage >= Block.RESIDUAL:
+        return block.stage(stage, None, hidden.to(dtype), rope, previous)
+    y = attended if stage == Block.RESIDUAL - 1 else None
     y_work = None if y is None else y.to(dtype)
-    result = block.stage(stage, None if x is None else x.to(dtype), y_work, rope, previous)
+    result = block.stage(stage, hidden.to(dtype), y_work, rope, previous)
     if y_work is not y:  # a copy in the block's dtype: store what the stage wrote into it
         y.copy_(y_work)
     return result
@@ -389,17 +392,15 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             start = clock(device)
             if stage == Block.RESIDUAL:  # c_proj is quantized: the residual stream takes the spent input's place
                 add_attention(block, hidden[s], scratch[s])
-            inputs = (run_stage(block, stage, hidden[s], None if scratch is None else scratch[s], rope)
-                      if stage < Block.RESIDUAL else run_stage(block, stage, None, hidden[s], rope))
+            inputs = run_stage(block, stage, hidden[s], None if scratch is None else scratch[s], rope)
             fp_inputs = None
             if fp_block is not None:
                 fp_attended = fp_scratch[:s.stop - s.start]
-                fp_inputs = (run_stage(fp_block, stage, fp_hidden[s], fp_attended if stage else None, rope)
-                             if stage < Block.RESIDUAL else run_stage(fp_block, stage, None, fp_hidden[s], rope))
+                fp_inputs = run_stage(fp_block, stage, fp_hidden[s], fp_attended, rope)
                 if stage == Block.RESIDUAL - 1:
                     add_attention(fp_block, fp_hidden[s], fp_attended)
                 if last:  # its output now, from the inputs at hand
-                    fp_hidden[s] = run_stage(fp_block, stage + 1, None, fp_hidden[s], rope, fp_inputs)
+                    fp_hidden[s] = run_stage(fp_block, stage + 1, fp_hidden[s], None, rope, fp_inputs)
             middle = clock(device)
             hessian.add_batch(inputs, fp_inputs)
             inputs = fp_inputs = None  # not beside the next chunk's, nor at GPTQ's peak
@@ -417,7 +418,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     # The fully quantized block's output is the next block's input.
     start = clock(device)
     for s in parts:
-        hidden[s] = run_stage(block, len(Block.GROUPS), None, hidden[s], rope)
+        hidden[s] = run_stage(block, len(Block.GROUPS), hidden[s], None, rope)
     timings.forward_s += clock(device) - start
     return tensors
 
@@ -449,7 +450,7 @@ def run_block(block: Block, hidden: torch.Tensor, rope) -> None:
         attended = scratch[:s.stop - s.start]
         run_stage(block, 1, hidden[s], attended, rope)
         add_attention(block, hidden[s], attended)
-        hidden[s] = run_stage(block, len(Block.GROUPS), None, hidden[s], rope)
+        hidden[s] = run_stage(block, len(Block.GROUPS), hidden[s], None, rope)
 
 
 def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantConfig) -> dict:
