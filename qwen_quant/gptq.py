@@ -240,7 +240,8 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bo
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
                   block_size: int = 128, mse: bool = True, asym_cross: torch.Tensor | None = None,
-                  group_act_order: bool = False, refine_passes: int = 0, name: str = "") -> QuantResult:
+                  group_act_order: bool = False, refine_passes: int = 0, free_cross: bool = False,
+                  name: str = "") -> QuantResult:
     """Quantize weight [N, K] with GPTQ, given the Hessian H [K, K] of its calibration inputs.
 
     group_size: input columns per (scale, zero), -1 for one per output row. desc_act: act-order, the columns with
@@ -257,7 +258,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     (HessianAccumulator's `cross`). Quantizing only for the layer's own inputs x lets the errors of the layers before
     it pile up; the weight whose outputs on x best match the full-precision model's outputs W x_fp is
     W + W C H^-1 (least squares), and GPTQ on it under H minimizes ||Q x - W x_fp||^2 in closed form. alpha < 1
-    moves only part of the way, which damps the estimate's noise.
+    moves only part of the way, which damps the estimate's noise. free_cross: the caller is done with asym_cross,
+    whose memory is then released once used (before the inverse's Cholesky: one [K, K] less at GPTQ's peak).
 
     refine_passes: after GPTQ's one sweep, this many rounds of `refine` (least-squares scales for the codes, then
     every code re-chosen for the others), each lowering GPTQ's objective under the undamped H.
@@ -287,15 +289,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     permuted = desc_act or group_act_order
     perm = (_group_order(importance, group) if group_act_order
             else torch.argsort(importance, descending=True, stable=True) if desc_act else positions)
+    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
+    W = target[:, perm] if permuted else target
+    asymmetric, shift = asym_cross is not None, None
+    if asymmetric:  # C's columns of dead inputs are 0: the shift leaves those columns at 0
+        C = asym_cross.to(device=W.device, dtype=torch.float32)
+        shift = _times_permuted(W, C, perm) if permuted else W @ C
+        if free_cross:  # the storage itself: the caller's references (and its call's arguments) would keep it
+            asym_cross.untyped_storage().resize_(0)
+        asym_cross = C = None
     # Row i of this upper Cholesky factor of H^-1 says how column i's error moves the columns after it.
     Hinv, damp, mean_diagonal = _inverse_hessian_cholesky(
         lambda: _free_dead_inputs(hessian, target.device, perm if permuted else None)[0], damp_percent, name)
-    # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
-    W = target[:, perm] if permuted else target
-    if asym_cross is not None:  # C's columns of dead inputs are 0: the shift leaves those columns at 0
-        C = asym_cross.to(device=W.device, dtype=torch.float32)
-        # W C H_damped^-1, with H_damped^-1 = Hinv^T Hinv
-        W += (_times_permuted(W, C, perm) if permuted else W @ C) @ Hinv.t() @ Hinv
+    if asymmetric:  # W += W C H_damped^-1, with H_damped^-1 = Hinv^T Hinv, one weight-sized temporary at a time
+        shift = shift @ Hinv.t()
+        W += shift @ Hinv
+        shift = None
         if permuted:
             target[:, perm] = W  # the fixed grid below reads the shifted weights in their original order
 
@@ -354,7 +363,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                                           _free_dead_inputs(hessian, goal.device, copy=False)[0], maxq, refine_passes)
     result = QuantResult(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx, None, damp)
     target = goal = codes = W = None  # weight-sized copies the loss below does not need
-    if refine_passes and asym_cross is None:  # the goal was the layer's own weights: refine measured the loss
+    if refine_passes and not asymmetric:  # the goal was the layer's own weights: refine measured the loss
         result.loss = objective / (2 * n)
         return result
     # Every update adds an error times a row of Hinv, so W - Q = errors @ Hinv, and Hinv H_damped Hinv^T = I: the
@@ -362,7 +371,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     # under H itself, without the N x K x K product that computing it directly costs.
     error = result.dequantize().neg_().add_(weight)  # weight - Q, in the dequantized copy
     error[:, dead] = 0  # the dead columns' codes sit at the zero point: both are 0 there
-    if asym_cross is not None:  # the shifted weights were the target: measure against the layer's own weights
+    if asymmetric:  # the shifted weights were the target: measure against the layer's own weights
         result.loss = _output_error(error, hessian.to(error))
         return result
     damping_part = damp * mean_diagonal * error.square_().sum(dtype=torch.float64)

@@ -49,10 +49,12 @@ CUDA_RUNTIME_HOST_BYTES = 512 * 2**20
 # cuBLAS and cuSOLVER workspaces come from PyTorch's caching allocator (see memory.CUBLAS_WORKSPACE_BYTES).
 CUDA_WORKSPACE_BYTES = 64 * 2**20
 # Square matrices [K, K] fp32 alive at once at GPTQ's widest moment: the Hessian (the accumulator's own storage),
-# and two of gptq_quantize's working copies (each step of the inverse's Cholesky factor frees its input).
+# and two of gptq_quantize's working copies (each step of the inverse's Cholesky factor frees its input); with
+# asymmetric calibration also the cross term C, except at the group's last layer (it takes C over and frees it
+# before the Cholesky).
 GPTQ_SQUARES = 3
 # Weight-sized fp32 matrices [N, K] alive then: the layer's clone in fp32, its permuted working copy and, with
-# asymmetric calibration, the shift W C H^-1 (the uint8 codes come after).
+# asymmetric calibration, the shift W C (the uint8 codes come after).
 GPTQ_WEIGHT_COPIES = 3
 # At refine's widest moment (gptq.refine, after GPTQ's working copies are freed): the Hessian alone (refine reads
 # it); the goal, the code offsets, goal @ H and their product for the scales' right-hand side, and the uint8 codes.
@@ -198,19 +200,19 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     if gptq:
         # The block phase's widest moment: a layer's Cholesky (or refine after it), or a chunk of the MLP or the
         # attention stage.
-        squares = GPTQ_SQUARES + (streams - 1)  # and the cross term C, with asymmetric calibration
-        refine_squares = REFINE_SQUARES + (streams - 1)
         copies = f"{GPTQ_WEIGHT_COPIES} fp32 weight copies" + (f" (refine: {REFINE_WEIGHT_COPIES})" if refine else "")
         moments, done = [], 0
         for stage, group in enumerate(groups):
             done = 0 if stage == RESIDUAL_GROUP else done  # the attention's originals are freed once it is added
-            for K, N, _ in group:
+            for i, (K, N, _) in enumerate(group):
+                cross = streams == 2 and i < len(group) - 1  # C stays with the accumulator for the next layer
+                squares = GPTQ_SQUARES + cross
                 solver = 4 * max(squares * K * K + GPTQ_WEIGHT_COPIES * K * N,
-                                 int(refine_squares * K * K + REFINE_WEIGHT_COPIES * K * N) if refine else 0)
+                                 int((REFINE_SQUARES + cross) * K * K + REFINE_WEIGHT_COPIES * K * N) if refine else 0)
                 moments.append([activations(stage), weights(done if stage < len(groups) - 1 else 0), (
                     "GPTQ working copies", solver,
                     f"at the [{K} -> {N}] layer: {squares} fp32 [{K}, {K}] (the Hessian"
-                    f"{', the cross term' if streams == 2 else ''}, two working copies), {copies}")])
+                    f"{', the cross term' if cross else ''}, two working copies), {copies}")])
                 done += K * N
         # The MLP stage's chunk (one stream's input kept while the other computes its gate and up outputs, or both
         # streams' inputs, their fp32 copies and the difference for the Hessians), beside the [ff, ff] accumulators.

@@ -346,8 +346,9 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     def quantize_group(paths, hessian: Optional[HessianAccumulator]):
         H = hessian.hessian if hessian is not None else None
         # alpha C in place: the accumulator is done with, and a scaled copy would be one more [K, K] at GPTQ's peak.
-        cross = hessian.cross.mul_(asym_calibration) if hessian is not None and hessian.cross is not None else None
-        for path in paths:
+        if hessian is not None and hessian.cross is not None:
+            hessian.cross.mul_(asym_calibration)
+        for i, path in enumerate(paths):
             bar.set_postfix_str(path)
             t0 = clock(device)
             name = prefix + path
@@ -355,7 +356,8 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             w = linear.weight.float()
             if method == "gptq":
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
-                                       quant.static_groups, quant.damp_percent, mse=mse, asym_cross=cross,
+                                       quant.static_groups, quant.damp_percent, mse=mse, asym_cross=hessian.cross,
+                                       free_cross=i == len(paths) - 1,  # the group's last layer frees C once used
                                        group_act_order=group_act_order, refine_passes=refine_passes, name=name)
                 # The baseline every paper reports: plain round-to-nearest on the min/max grid.
                 rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss

@@ -430,6 +430,30 @@ def test_asymmetric_calibration_brings_the_outputs_closer_to_full_precision(grou
     assert result.loss == pytest.approx(output_error(weight, result, acc.hessian), rel=1e-4)
 
 
+@pytest.mark.parametrize("group_act_order", [False, True])
+def test_a_cross_term_given_up_is_freed_before_the_cholesky_with_the_same_result(group_act_order, monkeypatch):
+    from qwen_quant import gptq
+
+    x_fp, x = drifted_inputs(18, tokens=600)
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(19))
+    acc = HessianAccumulator(K, asymmetric=True)
+    acc.add_batch(x, x_fp)
+    kwargs = dict(bits=4, group_size=32, group_act_order=group_act_order, refine_passes=1)
+    kept = gptq_quantize(weight, acc.hessian, asym_cross=acc.cross, **kwargs)  # the caller keeps C
+    cross_bytes_at_cholesky = []
+    cholesky = gptq._inverse_hessian_cholesky
+
+    def watched(*args):
+        cross_bytes_at_cholesky.append(acc.cross.untyped_storage().nbytes())
+        return cholesky(*args)
+
+    monkeypatch.setattr(gptq, "_inverse_hessian_cholesky", watched)
+    handed = gptq_quantize(weight, acc.hessian, asym_cross=acc.cross, free_cross=True, **kwargs)
+    assert cross_bytes_at_cholesky == [0]
+    for name in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(handed, name), getattr(kept, name)), name
+
+
 def test_input_scales_never_worsen_rounding_and_help_outlier_inputs():
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2048, K, generator=gen)
