@@ -159,6 +159,12 @@ class WeightReader:
     def names(self) -> list[str]:
         return list(self.files)
 
+    @property
+    def reads_are_copies(self) -> bool:
+        """Whether get() gives the caller a tensor of its own (safetensors are read into fresh memory; pickled
+        tensors are the reader's, mapped from their files)."""
+        return not self._pickled
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 

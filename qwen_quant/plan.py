@@ -259,8 +259,8 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         block_host.update([term("tensor being moved to the GPU", largest_linear * ckpt, "the largest linear, read")])
     else:
         block_host.update(block_device)
-    fp16_copy = term("fp16 copy", 0 if config.dtype == torch.float16 else V * h * 2,
-                     "the embedding / lm_head converted for the output")
+    # A 16-bit tensor is converted to fp16 within its own memory; an fp32 one into a copy of half its size.
+    fp16_copy = term("fp16 copy", 0 if ckpt == 2 else V * h * 2, "the embedding / lm_head converted for the output")
     export_host = {**host_base, **dict([term("embedding / lm_head read", V * h * ckpt, f"[{V}, {h}] "
                                              f"{_name(config.dtype)}, one at a time"), fp16_copy])}
     host_phases = {"calibration embedding": embed_host if gptq else host_base, "a block": block_host,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
 from .config import QuantConfig, QwenConfig
-from .finite import all_finite
+from .finite import SLICE_ELEMENTS, all_finite
 from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
                    gptq_quantize, input_scales, rtn_quantize)
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
@@ -162,7 +162,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     reader = WeightReader(folder)
     check_tensors(reader, config)
     for name in UNQUANTIZED:  # fail now rather than at the export, hours later
-        to_fp16(reader.get(name), name)
+        to_fp16(reader.get(name), name, in_place=reader.reads_are_copies)
     work = WorkFolder(work_path, resume)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -468,15 +468,30 @@ def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantC
     }
 
 
-def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """tensor as the output stores it, in fp16; a value that is not finite there is an error naming the tensor."""
-    half = tensor.detach().to(torch.float16)
-    if not all_finite(half):
-        if not all_finite(tensor):
-            raise ValueError(f"tensor {name} contains NaN or inf")
-        raise ValueError(f"tensor {name} has values up to {float(tensor.abs().max()):.4g}, beyond the range of fp16 "
-                         f"(+-{FP16_MAX:.0f}) in which the output stores it")
-    return half
+def to_fp16(tensor: torch.Tensor, name: str, in_place: bool = False) -> torch.Tensor:
+    """tensor as the output stores it, in fp16; a value that is not finite there is an error naming the tensor.
+
+    Converted a slice at a time. in_place: the caller gives the tensor up, and a 16-bit one (bf16) is converted
+    within its own memory: the embedding and the lm_head are then held once, not twice."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.float16:
+        out = tensor
+    elif in_place and tensor.element_size() == 2 and tensor.is_contiguous():
+        out = tensor.view(torch.float16)
+    else:
+        out = torch.empty(tensor.shape, dtype=torch.float16, device=tensor.device)
+    source, target = tensor.reshape(-1), out.view(-1)
+    for i in range(0, source.numel(), SLICE_ELEMENTS):
+        half = source[i:i + SLICE_ELEMENTS].to(torch.float16)
+        if not all_finite(half):
+            if not all_finite(source[i:i + SLICE_ELEMENTS]):
+                raise ValueError(f"tensor {name} contains NaN or inf")
+            # The slices before this one fitted fp16 (and may be overwritten): the largest value is in the rest.
+            raise ValueError(f"tensor {name} has values up to {float(source[i:].abs().max()):.4g}, beyond the range "
+                             f"of fp16 (+-{FP16_MAX:.0f}) in which the output stores it")
+        if out is not tensor:
+            target[i:i + SLICE_ELEMENTS] = half
+    return out
 
 
 def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: QuantConfig, dtype) -> None:
@@ -490,7 +505,7 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
 
 def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield EMBEDDING, to_fp16(reader.get(EMBEDDING), EMBEDDING)
+    yield EMBEDDING, to_fp16(reader.get(EMBEDDING), EMBEDDING, in_place=reader.reads_are_copies)
     for i in range(config.num_hidden_layers):
         saved = load_file(work.block_file(i))
         prefix = block_prefix(i)
@@ -500,7 +515,7 @@ def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder)
             for t in GPTQ_TENSORS:
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
     for name in (FINAL_NORM, LM_HEAD):
-        yield name, to_fp16(reader.get(name), name)
+        yield name, to_fp16(reader.get(name), name, in_place=reader.reads_are_copies)
 
 
 def summary_table(report: QuantizeReport, worst: int = 8) -> str:

@@ -181,6 +181,25 @@ def test_fp16_export_refuses_values_that_are_not_finite_in_fp16(dense_checkpoint
     assert not (tmp_path / "out").exists()
 
 
+def test_fp16_conversion_in_place_reuses_the_memory_and_names_the_largest_value_past_the_first_slice():
+    from qwen_quant.finite import SLICE_ELEMENTS
+    from qwen_quant.quantize import to_fp16
+
+    gen = torch.Generator().manual_seed(0)
+    original = (torch.randn(3 * SLICE_ELEMENTS // 1000 + 1, 1000, generator=gen) * 100).to(torch.bfloat16)
+    copied = to_fp16(original, "w")
+    assert copied.dtype == torch.float16 and torch.equal(copied, original.to(torch.float16))
+    assert original.dtype == torch.bfloat16  # the copy left the input alone
+    given_up = original.clone()
+    converted = to_fp16(given_up, "w", in_place=True)
+    assert converted.data_ptr() == given_up.data_ptr() and torch.equal(converted, copied)
+    for in_place in (False, True):  # a value beyond fp16 in the second slice, a larger one in the third
+        bad = original.clone()
+        bad.view(-1)[SLICE_ELEMENTS + 5], bad.view(-1)[2 * SLICE_ELEMENTS + 7] = 1e5, -2e5
+        with pytest.raises(ValueError, match=r"tensor w has values up to 1\.997e\+05, beyond the range of fp16"):
+            to_fp16(bad, "w", in_place=in_place)
+
+
 def test_scale_overflow_in_block_0_is_blamed_on_block_0(dense_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"tensor transformer.h.0.mlp.w1.scales has values up to 1.3\d+e\+05") as e:
         quantize_altered(dense_checkpoint, tmp_path, "transformer.h.0.mlp.w1.weight", 5, 1e6)
