@@ -10,5 +10,10 @@ SLICE_ELEMENTS = 2**22
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)  # a view of a contiguous tensor; only a strided one is copied
+    if tensor.dim() > 1 and not tensor.is_contiguous():
+        # Bands of rows: a flat view of a strided tensor would be a whole copy (an upper Cholesky factor is the
+        # transpose of a lower one: one more [K, K] at GPTQ's peak, measured).
+        rows = max(1, SLICE_ELEMENTS // max(1, tensor[0].numel()))
+        return all(bool(torch.isfinite(tensor[i:i + rows]).all()) for i in range(0, tensor.shape[0], rows))
+    flat = tensor.reshape(-1)  # a view of a contiguous tensor
     return all(bool(torch.isfinite(flat[i:i + SLICE_ELEMENTS]).all()) for i in range(0, flat.numel(), SLICE_ELEMENTS))

@@ -492,7 +492,8 @@ def test_all_finite_checks_every_slice_of_a_large_tensor():
         bad = t.clone()
         bad[where] = value
         assert not all_finite(bad)
-    assert all_finite(torch.zeros(0))
+        assert not all_finite(bad.reshape(-1, 6).t())  # a transposed one, checked in bands of rows
+    assert all_finite(torch.zeros(0)) and all_finite(torch.zeros(0, 4).t())
 
 
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (3, 64, True), (4, 200 // 3, False), (4, -1, True)])
