@@ -31,6 +31,7 @@ OPTIONS = {
     "default": dict(),  # + group act-order (on by default where a group size is set)
     "no-mse": dict(mse=False),  # the defaults with the plain min/max grid
     "act-order": dict(desc_act=True, static_groups=True),  # column act-order with static groups, instead
+    "desc-act": dict(desc_act=True),  # column act-order as published (g_idx in the order of the inputs), instead
     "damp0.05": dict(damp_percent=0.05),
     "asym0.25": dict(asym_calibration=0.25),
     "asym0.5": dict(asym_calibration=0.5),
