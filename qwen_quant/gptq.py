@@ -291,7 +291,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             else torch.argsort(importance, descending=True, stable=True) if desc_act else positions)
     # Without act-order W is `target` itself (updated in place; `target` is not needed afterwards then): no copies.
     W = target[:, perm] if permuted else target
-    asymmetric, shift = asym_cross is not None, None
+    asymmetric = asym_cross is not None
     if asymmetric:  # C's columns of dead inputs are 0: the shift leaves those columns at 0
         C = asym_cross.to(device=W.device, dtype=torch.float32)
         shift = _times_permuted(W, C, perm) if permuted else W @ C

@@ -162,7 +162,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     reader = WeightReader(folder)
     check_tensors(reader, config)
     for name in UNQUANTIZED:  # fail now rather than at the export, hours later
-        to_fp16(reader.get(name), name, in_place=reader.reads_are_copies)
+        read_fp16(reader, name)
     work = WorkFolder(work_path, resume)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -482,9 +482,10 @@ def to_fp16(tensor: torch.Tensor, name: str, in_place: bool = False) -> torch.Te
         out = torch.empty(tensor.shape, dtype=torch.float16, device=tensor.device)
     source, target = tensor.reshape(-1), out.view(-1)
     for i in range(0, source.numel(), SLICE_ELEMENTS):
-        half = source[i:i + SLICE_ELEMENTS].to(torch.float16)
+        piece = source[i:i + SLICE_ELEMENTS]
+        half = piece.to(torch.float16)
         if not all_finite(half):
-            if not all_finite(source[i:i + SLICE_ELEMENTS]):
+            if not all_finite(piece):
                 raise ValueError(f"tensor {name} contains NaN or inf")
             # The slices before this one fitted fp16 (and may be overwritten): the largest value is in the rest.
             raise ValueError(f"tensor {name} has values up to {float(source[i:].abs().max()):.4g}, beyond the range "
@@ -492,6 +493,12 @@ def to_fp16(tensor: torch.Tensor, name: str, in_place: bool = False) -> torch.Te
         if out is not tensor:
             target[i:i + SLICE_ELEMENTS] = half
     return out
+
+
+def read_fp16(reader: WeightReader, name: str) -> torch.Tensor:
+    """A checkpoint tensor as the output stores it, converted within the memory it was read into where that memory
+    is ours (WeightReader.reads_are_copies)."""
+    return to_fp16(reader.get(name), name, in_place=reader.reads_are_copies)
 
 
 def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: QuantConfig, dtype) -> None:
@@ -505,7 +512,7 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
 
 def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
     """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield EMBEDDING, to_fp16(reader.get(EMBEDDING), EMBEDDING, in_place=reader.reads_are_copies)
+    yield EMBEDDING, read_fp16(reader, EMBEDDING)
     for i in range(config.num_hidden_layers):
         saved = load_file(work.block_file(i))
         prefix = block_prefix(i)
@@ -515,7 +522,7 @@ def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder)
             for t in GPTQ_TENSORS:
                 yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
     for name in (FINAL_NORM, LM_HEAD):
-        yield name, to_fp16(reader.get(name), name, in_place=reader.reads_are_copies)
+        yield name, read_fp16(reader, name)
 
 
 def summary_table(report: QuantizeReport, worst: int = 8) -> str:
