@@ -6,12 +6,13 @@ eval_wikitext2_test_ids.npy, in fp32, quantized weights dequantized into the fp3
 implementation's full-precision figure is 20.1125). Calibration: --nsamples (128) windows of --calib-seqlen (512)
 tokens of calib_wikitext2_valid_ids.npy, seed 0. Every quantization runs in a fresh process (its peak RSS is its own).
 
-    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--parts fp,grid,decode,chat] [--json PATH]
+    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--bits 4,8] [--parts fp,grid,decode,chat] [--json PATH]
 
 grid core: 3 / 4 / 8 bits at group 128 (which does not divide 576), symmetric, no act-order: RTN (the plain min/max
 grid), GPTQ (default clipped grid) and GPTQ --no-mse. full: bits 3 / 4 / 8 x group 128 / 64 x act-order off / on.
 ci (--quick): RTN and GPTQ at 4-bit g128 with --nsamples 32. decode and chat need the 4- and 8-bit g128 GPTQ folders
-of the grid (core and full make them; ci makes the 4-bit one, so decode and chat then skip Int8).
+of the grid (core and full make them; ci makes the 4-bit one, so decode and chat then skip Int8). --bits keeps the
+grid's settings of those bit widths only.
 """
 import argparse
 import itertools
@@ -150,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--grid", choices=("core", "full", "ci"), default=None, help="default core; --quick: ci")
+    parser.add_argument("--bits", default=None, help="comma-separated bit widths: only the grid's settings with these")
     parser.add_argument("--parts", default="fp,grid,decode,chat")
     parser.add_argument("--windows", type=int, default=12, help="evaluation windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; --quick: 32)")
@@ -158,6 +160,10 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="keep the quantized folders here (default: a temporary folder)")
     args = parser.parse_args()
     grid = {"core": CORE, "full": FULL, "ci": CI}[args.grid or ("ci" if args.quick else "core")]
+    if args.bits:
+        grid = [s for s in grid if str(s["bits"]) in args.bits.split(",")]
+        if not grid:
+            parser.error(f"--bits {args.bits}: the grid has no setting with those bit widths (3, 4 or 8)")
     nsamples = args.nsamples or (32 if args.quick else 128)
     parts = set(args.parts.split(","))
     info = machine()
