@@ -36,6 +36,11 @@ OPTIONS = {
     "asym0.25": dict(asym_calibration=0.25),
     "asym0.5": dict(asym_calibration=0.5),
     "asym1": dict(asym_calibration=1.0),
+    # The defaults without the full-precision stream (its forward and cross terms are most of their cost).
+    "asym0": dict(asym_calibration=0),
+    "asym0-in-order": dict(asym_calibration=0, group_act_order=False),
+    "asym0+scaling": dict(asym_calibration=0, input_scaling=True),
+    "asym0-in-order+scaling": dict(asym_calibration=0, group_act_order=False, input_scaling=True),
     "scaling": dict(input_scaling=True),
     "scaling+asym0.5": dict(input_scaling=True, asym_calibration=0.5),
     "refine0": dict(refine_passes=0),

@@ -6,13 +6,14 @@ eval_wikitext2_test_ids.npy, in fp32, quantized weights dequantized into the fp3
 implementation's full-precision figure is 20.1125). Calibration: --nsamples (128) windows of --calib-seqlen (512)
 tokens of calib_wikitext2_valid_ids.npy, seed 0. Every quantization runs in a fresh process (its peak RSS is its own).
 
-    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--bits 4,8] [--parts fp,grid,decode,chat] [--json PATH]
+    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--bits 4,8] [--parts fp,grid,textbook,decode,chat]
+        [--json PATH]
 
 grid core: 3 / 4 / 8 bits at group 128 (which does not divide 576), symmetric, no act-order: RTN (the plain min/max
-grid), GPTQ (default clipped grid) and GPTQ --no-mse. full: bits 3 / 4 / 8 x group 128 / 64 x act-order off / on.
-ci (--quick): RTN and GPTQ at 4-bit g128 with --nsamples 32. decode and chat need the 4- and 8-bit g128 GPTQ folders
-of the grid (core and full make them; ci makes the 4-bit one, so decode and chat then skip Int8). --bits keeps the
-grid's settings of those bit widths only.
+grid), GPTQ (default clipped grid) and, with the part textbook, GPTQ --no-mse at 3 / 4 bits. full: bits 3 / 4 / 8 x
+group 128 / 64 x act-order off / on. ci (--quick): RTN and GPTQ at 4-bit g128 with --nsamples 32. --bits keeps the
+grid's settings of those bit widths only. decode and chat need the 4- and 8-bit g128 GPTQ folders of the grid (core
+and full make them; ci makes the 4-bit one, so decode and chat then skip Int8).
 """
 import argparse
 import itertools
@@ -67,14 +68,16 @@ def quantize_job(model: str, out: str, calibration: str, nsamples: int, seqlen: 
             if method == "gptq" else None}
 
 
-def run_grid(grid: list, model: Path, data: Path, ids, work: Path, nsamples: int, seqlen: int, fp: float) -> list:
+def run_grid(grid: list, model: Path, data: Path, ids, work: Path, nsamples: int, seqlen: int, fp: float,
+             textbook: bool) -> list:
     calibration = str(data / "smollm2_135m" / "calib_wikitext2_valid_ids.npy")
     rows = []
     for settings in grid:
         row = dict(settings)
-        # RTN: the plain min/max grid; GPTQ: its default clipped grid; at 3 / 4 bits g128 also the textbook grid.
+        # RTN: the plain min/max grid; GPTQ: its default clipped grid; with `textbook`, at 3 / 4 bits g128 also the
+        # textbook grid.
         runs = [("rtn", False), ("gptq", True)]
-        if settings["bits"] in (3, 4) and settings["group_size"] == 128 and not settings["desc_act"]:
+        if textbook and settings["bits"] in (3, 4) and settings["group_size"] == 128 and not settings["desc_act"]:
             runs.append(("gptq", False))
         for method, mse in runs:
             key = method if method == "rtn" or mse else "gptq_no_mse"
@@ -83,6 +86,7 @@ def run_grid(grid: list, model: Path, data: Path, ids, work: Path, nsamples: int
             row[key] = eval_perplexity(load_dequantized(out), ids)
             if method == "gptq" and mse:
                 row["seconds_per_block"] = job["result"]["seconds"] / job["result"]["blocks"]
+                row["cpu_seconds_per_block"] = job["cpu_seconds"] / job["result"]["blocks"]
                 row["peak_rss_gib"] = job["peak_rss_bytes"] / 2**30
                 row["layer_error_ratio"] = job["result"]["mean_gptq_over_rtn_layer_error"]
                 row["folder"] = str(out)
@@ -142,8 +146,9 @@ def precisions(model: Path, rows: list) -> list:
 
 
 COLUMNS = [("bits", "bits", "d"), ("group_size", "group", "d"), ("desc_act", "act-order", ""),
-           ("rtn", "RTN ppl", ".4f"), ("gptq", "GPTQ ppl", ".4f"), ("gptq_no_mse", "GPTQ --no-mse", ".4f"), ("share", "GPTQ/RTN loss", ".3f"),
-           ("layer_error_ratio", "layer err GPTQ/RTN", ".3f"), ("seconds_per_block", "s/block", ".1f"),
+           ("rtn", "RTN ppl", ".4f"), ("gptq", "GPTQ ppl", ".4f"), ("gptq_no_mse", "GPTQ --no-mse", ".4f"),
+           ("share", "GPTQ/RTN loss", ".3f"), ("layer_error_ratio", "layer err GPTQ/RTN", ".3f"),
+           ("seconds_per_block", "s/block", ".1f"), ("cpu_seconds_per_block", "cpu s/block", ".1f"),
            ("peak_rss_gib", "peak RSS GiB", ".2f")]
 
 
@@ -152,7 +157,7 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--grid", choices=("core", "full", "ci"), default=None, help="default core; --quick: ci")
     parser.add_argument("--bits", default=None, help="comma-separated bit widths: only the grid's settings with these")
-    parser.add_argument("--parts", default="fp,grid,decode,chat")
+    parser.add_argument("--parts", default="fp,grid,textbook,decode,chat")
     parser.add_argument("--windows", type=int, default=12, help="evaluation windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; --quick: 32)")
     parser.add_argument("--calib-seqlen", type=int, default=512)
@@ -182,7 +187,8 @@ def main() -> None:
             print(f"SmolLM2-135M full precision (fp32): perplexity {fp:.4f} on {args.windows} windows of 2048 "
                   f"(reference {REFERENCE_FP_PERPLEXITY} on 12)", flush=True)
         if "grid" in parts:
-            results["rows"] = run_grid(grid, model, data, ids, work, nsamples, args.calib_seqlen, fp)
+            results["rows"] = run_grid(grid, model, data, ids, work, nsamples, args.calib_seqlen, fp,
+                                       textbook="textbook" in parts)
             print(table(results["rows"], COLUMNS))
             results["failures"] = quality_failures(fp, results["rows"]) if args.windows == 12 else []
         tokenizer = load_tokenizer(model)

@@ -45,9 +45,10 @@ def test_stories_greedy_text_is_the_same_through_every_backend(stories_int):
     reference = load_dequantized(folder).generate(torch.tensor([1]), max_new_tokens=100)
     assert torch.equal(QwenForCausalLM.from_pretrained(folder, backend="torch", dtype=torch.float32)
                        .generate(torch.tensor([1]), max_new_tokens=100), reference)
-    # The Triton interpreter runs each kernel launch in Python: 32 tokens keep this test within a minute or two.
+    # The Triton interpreter runs each kernel launch in Python (seconds a token): 8 tokens go through the KV cache
+    # and the decode kernels; the logits tests compare every position of a prompt.
     assert torch.equal(QwenForCausalLM.from_pretrained(folder, backend="triton", dtype=torch.float32)
-                       .generate(torch.tensor([1]), max_new_tokens=32), reference[:, :33])
+                       .generate(torch.tensor([1]), max_new_tokens=8), reference[:, :9])
     # bf16 activations (the only fast dtype of torch's CPU kernels) may part ways late; the start must agree.
     cpu = QwenForCausalLM.from_pretrained(folder, backend="cpu").generate(torch.tensor([1]), max_new_tokens=100)
     assert torch.equal(cpu[:, :30], reference[:, :30])
