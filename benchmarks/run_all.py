@@ -127,12 +127,12 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    start = time.perf_counter()
+    start = lap_start = time.perf_counter()
     steps = {}  # seconds of each step, so that CI's time can be traced to its parts
 
-    def step_done(name: str, since: float) -> float:
-        steps[name] = time.perf_counter() - since
-        return time.perf_counter()
+    def step_done(name: str) -> None:
+        nonlocal lap_start
+        steps[name], lap_start = time.perf_counter() - lap_start, time.perf_counter()
 
     info = machine()
     print(machine_line(info), flush=True)
@@ -149,16 +149,16 @@ def main() -> None:
         if c["ours_gib"] > c["published_gib"]:
             failures.append(f"memory Qwen-{c['size']} {c['precision']}: {c['ours_gib']:.2f} GiB > published "
                             f"{c['published_gib']:.2f}")
-    mark = step_done("quality and memory", start)
+    step_done("quality and memory")
     results = {"machine": info, "machine_line": machine_line(info).splitlines()[0],
                "quality": {"fp_perplexity": fp, "rows": rows}, "memory": cells}
     for name, args in TIMED:
         print(f"== {name}: {' '.join(args)}", flush=True)
         results[name] = run_script(args)
-        mark = step_done(name, mark)
+        step_done(name)
     print("== SmolLM2-135M: bench_smollm2.py --quick", flush=True)
     results["smollm2"] = run_script(["bench_smollm2.py", "--quick"], check=False)
-    step_done("smollm2", mark)
+    step_done("smollm2")
     failures += [f"SmolLM2-135M: {f}" for f in results["smollm2"]["failures"]]
     results["failures"] = failures
     results["seconds"], results["step_seconds"] = time.perf_counter() - start, steps
