@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qwen_quant import packing
+from qwen_quant.cpu import fast_bf16_matmul
 from qwen_quant.finite import all_finite
 
 logger = logging.getLogger("qwen_quant")
@@ -478,14 +479,12 @@ def _int4pack_block() -> Optional[int]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _prefill_block() -> Optional[int]:
-    """The int4pack block when the fp32 prefill path applies on this CPU, else None. It applies only where oneDNN
-    has no bf16 matmul: there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the int4pack kernel on long
-    prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls it is unmeasured, so the kernels stay; an
+    """The int4pack block when the fp32 prefill path applies on this CPU, else None. It applies only where the CPU has
+    no fast bf16 matmul (cpu.fast_bf16_matmul): there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the
+    int4pack kernel on long prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls the kernels stay; an
     unknown int4pack layout also leaves the kernels."""
-    bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return None if bf16_matmul else _int4pack_block()
+    return None if fast_bf16_matmul() else _int4pack_block()
 
 
 def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,25 @@ def smollm2_dir(data_dir) -> Path:
         return build_smollm2(data_dir)
     except (FileNotFoundError, RuntimeError) as err:
         pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same global random state: a draw a test does not seed itself (torch.randn without a
+    generator, numpy's or Python's global functions) is the same on every run and every machine."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["0", "1"], ids=["fp32-blocks", "bf16-blocks"])
+def cpu_bf16(request, monkeypatch) -> bool:
+    """Both CPU arithmetic routes on either kind of machine: the test runs as on a CPU without bf16 matmuls (bf16
+    checkpoints' blocks compute in fp32, the cpu backend's long prompts in fp32 tiles) and as on one with them."""
+    from qwen_quant.cpu import BF16_ENV
+
+    monkeypatch.setenv(BF16_ENV, request.param)
+    return request.param == "1"
 
 
 # Triton runs on the CPU only through its interpreter, which must be chosen before any @triton.jit is defined.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen_quant.cli import main
-from qwen_quant.plan import check_plan, plan_quantization
+from qwen_quant.plan import block_compute_dtype, check_plan, plan_quantization
 from qwen_quant.synthetic import save_random_checkpoint
 from bench_quantize import quantize_job
 from common import isolated
@@ -86,8 +86,17 @@ def test_resumed_blocks_count_as_disk_already_held(tmp_path, monkeypatch):
     check_plan(plan, tmp_path / "out", torch.device("cpu"), reusable_bytes=100)
 
 
-def test_the_plan_is_within_15_percent_of_a_measured_peak(tmp_path):
-    """A fresh process quantizes a random model whose run holds a few hundred MiB above the interpreter: its
+def test_block_compute_dtype_follows_the_cpus_bf16_matmuls(cpu_bf16):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert block_compute_dtype(cpu, torch.bfloat16) == (torch.bfloat16 if cpu_bf16 else torch.float32)
+    assert block_compute_dtype(cpu, torch.float32) == torch.float32
+    assert block_compute_dtype(cuda, torch.bfloat16) == torch.bfloat16  # the switch is the CPU's alone
+    plan = plan_quantization(tiny_config(torch_dtype="bfloat16"), nsamples=2, seqlen=16, tokenizer=False)
+    assert ("bfloat16 matmul" if cpu_bf16 else "float32 matmul") in plan.rates
+
+
+def test_the_plan_is_within_15_percent_of_a_measured_peak(tmp_path, cpu_bf16):
+    """On both CPU routes (the bf16 block computes in fp32 or bf16, cpu_bf16), a fresh process quantizes a random model whose run holds a few hundred MiB above the interpreter: its
     high-water mark of resident memory against the plan's peak, given the RSS it started from. The vocabulary is
     small enough for the block phase to be the widest (with 65536 rows the embedding / lm_head checks are, where the
     plan is about 20 % low: benchmarks/RESULTS.md, session 18)."""

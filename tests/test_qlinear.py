@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qwen_quant import packing, qlinear, synthetic
+from qwen_quant.cpu import BF16_ENV
 from qwen_quant.qlinear import QuantLinear
 
 BF16_TOLERANCE = 1e-2  # the cpu backend computes with bf16 activations, scales and zeros
@@ -97,10 +98,10 @@ def test_cpu_int8_group_not_dividing_k():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, monkeypatch):
-    """From CPU_PREFILL_MIN_M rows the cpu backend multiplies fp32 tiles of its dequantized weight (forced on here,
-    whatever this CPU is): it must apply exactly the weight the kernels apply. N = 592 spans a full tile, a partial
-    one and int4pack's short last block; K = 320 ends in a short group at g128."""
-    monkeypatch.setattr(qlinear, "_prefill_block", qlinear._int4pack_block)
+    """From CPU_PREFILL_MIN_M rows the cpu backend multiplies fp32 tiles of its dequantized weight (on CPUs without
+    bf16 matmuls: forced here, whatever this CPU is): it must apply exactly the weight the kernels apply. N = 592
+    spans a full tile, a partial one and int4pack's short last block; K = 320 ends in a short group at g128."""
+    monkeypatch.setenv(BF16_ENV, "0")
     assert qlinear._int4pack_block() in (32, 64)
     layer = Layer(320, 592, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
     module = layer.build("cpu")
@@ -114,6 +115,27 @@ def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric,
     assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
     kernel_rows = module(x[:M - 1])  # one row fewer: the kernels
     assert 1e-5 < relative_error(kernel_rows, x[:M - 1].double() @ applied.t() + layer.bias.double()) < 4e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_prefill_stays_on_the_kernels_where_bf16_matmuls_are_fast(bits, monkeypatch):
+    tiles = []
+    scale_codes = qlinear._scale_codes
+    monkeypatch.setattr(qlinear, "_scale_codes", lambda *args: tiles.append(1) or scale_codes(*args))
+    module = Layer(320, 592, bits, 128, seed=bits).build("cpu")
+    x = torch.randn(qlinear.CPU_PREFILL_MIN_M[bits], 320)
+    monkeypatch.setenv(BF16_ENV, "1")
+    module(x)
+    assert not tiles
+    monkeypatch.setenv(BF16_ENV, "0")
+    module(x)
+    assert tiles
+
+
+def test_cpu_bf16_switch_names_itself_when_misspelled(monkeypatch):
+    monkeypatch.setenv(BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=r"\$QWEN_QUANT_CPU_BF16='yes' must be 1 .* 0 .* or auto"):
+        Layer(64, 64, 4, 32).build("cpu")(torch.randn(qlinear.CPU_PREFILL_MIN_M[4], 64))
 
 
 def test_cpu_int4_per_channel_uses_largest_kernel_group():

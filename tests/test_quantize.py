@@ -114,7 +114,7 @@ def test_exported_tensors_unpack_to_the_quantizer_output(stories_dir, tmp_path):
 
 # Asymmetric calibration carries the full-precision activations across blocks: a resumed run must carry them too.
 @pytest.mark.parametrize("options", [{}, dict(asym_calibration=0.5, input_scaling=True)])
-def test_resume_after_a_kill_gives_identical_bytes(tmp_path, options):
+def test_resume_after_a_kill_gives_identical_bytes(tmp_path, options, cpu_bf16):
     model = save_random_checkpoint(tmp_path / "fp", tiny_config(num_hidden_layers=4), dtype=torch.bfloat16)
     calib = torch.randint(0, 512, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
     np.save(tmp_path / "calib.npy", calib)

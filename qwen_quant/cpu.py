@@ -1,0 +1,31 @@
+"""Whether this CPU multiplies bf16 matrices fast: the one fact that picks our CPU arithmetic routes.
+
+Our machines come in two kinds: AVX-512 with bf16 instructions (AVX512-BF16 or AMX), where oneDNN's bf16 GEMM is fast,
+and AVX2 only, where bf16 matmuls run several times slower than fp32 (6.6x at 2048 x 2048 x 5504). The answer decides
+the dtype a bf16 checkpoint's blocks compute in while quantized (plan.block_compute_dtype) and the cpu backend's
+prefill route (qlinear). `QWEN_QUANT_CPU_BF16=1` or `=0` overrides the detection, so that either route runs, and is
+tested, on either kind of machine (the results differ only in rounding; the speed is the machine's).
+"""
+import functools
+import os
+
+import torch
+
+BF16_ENV = "QWEN_QUANT_CPU_BF16"
+BF16_CHOICES = {"1": True, "0": False, "auto": None, "": None}
+
+
+@functools.lru_cache(maxsize=None)
+def detected_fast_bf16_matmul() -> bool:
+    """Native bf16 dot products: oneDNN's bf16 GEMM runs on them (without them it emulates bf16, slowly)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def fast_bf16_matmul() -> bool:
+    """This CPU's answer, unless $QWEN_QUANT_CPU_BF16 forces one (read at every call: tests switch it)."""
+    value = os.environ.get(BF16_ENV, "").strip().lower()
+    if value not in BF16_CHOICES:
+        raise ValueError(f"${BF16_ENV}={value!r} must be 1 (compute as a CPU with bf16 matmuls does), 0 (as one "
+                         "without) or auto")
+    forced = BF16_CHOICES[value]
+    return detected_fast_bf16_matmul() if forced is None else forced
