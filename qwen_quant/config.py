@@ -2,18 +2,40 @@
 import dataclasses
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .json_files import read_json
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REAL_VOCAB = 151851  # ids past this are embedding padding: never valid predictions with the Qwen tokenizer
+# Sizes, lengths and group sizes must fit the int64 torch holds shapes and indices in: a JSON integer such as 10**30
+# would overflow there ("int too big to convert"), far from its config field. Smaller wrong sizes fail the shape
+# checks against the weights, which name the tensor.
+MAX_INT = 2**63 - 1
 
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1, and 4.0 is not 4
+
+
+def is_number(value) -> bool:
+    """An int or float that is finite as a float: JSON true is not 1, and NaN, 1e999 or 10**400 are no size or rate."""
+    if not (is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past the float range
+        return False
+
+
+def shown(value) -> str:
+    """A value for an error message, cut short: a file's field may be a megabyte string or a deeply nested list."""
+    return reprlib.repr(value)
 
 
 def field_problems(obj, positive_ints=(), positive_numbers=(), flags=()) -> list[str]:
@@ -21,20 +43,20 @@ def field_problems(obj, positive_ints=(), positive_numbers=(), flags=()) -> list
     problems = []
     for name in positive_ints:
         value = getattr(obj, name)
-        if not is_int(value) or value <= 0:
-            problems.append(f"{name}={value!r} must be a positive integer")
+        if not is_int(value) or not 0 < value <= MAX_INT:
+            problems.append(f"{name}={shown(value)} must be a positive integer (at most {MAX_INT})")
     for name in positive_numbers:
         value = getattr(obj, name)
-        if not (is_int(value) or isinstance(value, float) and math.isfinite(value)) or value <= 0:
-            problems.append(f"{name}={value!r} must be a finite number > 0")
+        if not is_number(value) or value <= 0:
+            problems.append(f"{name}={shown(value)} must be a finite number > 0")
     for name in flags:
         value = getattr(obj, name)
         if not isinstance(value, bool):
-            problems.append(f"{name}={value!r} must be true or false (a JSON boolean)")
+            problems.append(f"{name}={shown(value)} must be true or false (a JSON boolean)")
     return problems
 
 
-def _require_object(d, source: str) -> None:
+def require_object(d, source: str) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"{source} must be a JSON object of fields, not a {type(d).__name__}")
 
@@ -58,23 +80,24 @@ class QuantConfig:
 
         problems = field_problems(self, flags=("desc_act", "static_groups", "sym", "true_sequential"))
         if not valid_bits(self.bits):
-            problems.append(f"bits={self.bits!r} must be one of the integers {SUPPORTED_BITS}")
-        if not valid_group_size(self.group_size):
-            problems.append(f"group_size={self.group_size!r} must be a positive integer or -1 (per channel)")
+            problems.append(f"bits={shown(self.bits)} must be one of the integers {SUPPORTED_BITS}")
+        if not valid_group_size(self.group_size) or self.group_size > MAX_INT:
+            problems.append(f"group_size={shown(self.group_size)} must be a positive integer (at most {MAX_INT}) "
+                            "or -1 (per channel)")
         damp = self.damp_percent
-        if not (is_int(damp) or isinstance(damp, float)) or not 0 <= damp <= 1:  # NaN fails the range too
-            problems.append(f"damp_percent={damp!r} must be a number in [0, 1]")
+        if not is_number(damp) or not 0 <= damp <= 1:
+            problems.append(f"damp_percent={shown(damp)} must be a number in [0, 1]")
         if not isinstance(self.checkpoint_format, str) or self.checkpoint_format not in FORMATS:
-            problems.append(f"checkpoint_format={self.checkpoint_format!r} must be one of {FORMATS}")
+            problems.append(f"checkpoint_format={shown(self.checkpoint_format)} must be one of {FORMATS}")
         if problems:
             raise ValueError("invalid quantization config: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "quantization_config") -> "QuantConfig":
-        _require_object(d, source)
+        require_object(d, source)
         method = d.get("quant_method", "gptq")
         if method != "gptq":
-            raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'gptq')")
+            raise ValueError(f"{source}: quant_method {shown(method)} is not supported (only 'gptq')")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in d.items() if k in names})
@@ -129,10 +152,10 @@ class QwenConfig:
                             f"!= hidden_size {self.hidden_size}")
         if not problems and self.intermediate_size % 2:
             problems.append(f"intermediate_size {self.intermediate_size} must be even (twice the MLP width)")
-        if self.rotary_pct != 1.0:
-            problems.append(f"rotary_pct {self.rotary_pct} is not supported (Qwen v1 uses 1.0)")
+        if not is_number(self.rotary_pct) or self.rotary_pct != 1:  # JSON true == 1 in Python, but is no fraction
+            problems.append(f"rotary_pct={shown(self.rotary_pct)} is not supported (Qwen v1 uses 1.0)")
         if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
-            problems.append(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
+            problems.append(f"torch_dtype={shown(self.torch_dtype)} is not one of {sorted(DTYPES)}")
         if problems:
             raise ValueError("invalid Qwen config: " + "; ".join(problems))
 
@@ -150,17 +173,17 @@ class QwenConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "QwenConfig":
-        _require_object(d, source)
+        require_object(d, source)
         missing = [k for k in cls.REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{source} lacks required field(s) {missing}")
         model_type = d.get("model_type", "qwen")
         if model_type != "qwen":
-            raise ValueError(f"{source}: model_type {model_type!r} is not Qwen v1 ('qwen')")
+            raise ValueError(f"{source}: model_type {shown(model_type)} is not Qwen v1 ('qwen')")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config"}
         known = {k: v for k, v in d.items() if k in names}
         if "torch_dtype" not in d:  # old Qwen configs only carry the bf16/fp16/fp32 flags
-            flags = [f"{k}={d[k]!r}" for k in ("bf16", "fp16") if k in d and not isinstance(d[k], bool)]
+            flags = [f"{k}={shown(d[k])}" for k in ("bf16", "fp16") if k in d and not isinstance(d[k], bool)]
             if flags:
                 raise ValueError(f"{source}: {', '.join(flags)} must be true or false (a JSON boolean)")
             known["torch_dtype"] = "bfloat16" if d.get("bf16") else "float16" if d.get("fp16") else "float32"
@@ -180,11 +203,7 @@ class QwenConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra)

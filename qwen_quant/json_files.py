@@ -24,6 +24,9 @@ def parse_json(raw: Union[bytes, str], source: str):
         return json.loads(raw.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{source} is not valid JSON: {e}") from None
+    except ValueError as e:  # Python's limit on the digits of an integer it converts
+        raise ValueError(f"{source} holds a number of more digits than Python converts ({e.args[0][:40]}...)") \
+            from None
     except RecursionError:
         raise ValueError(f"{source} nests its JSON arrays or objects too deeply to be read") from None
 

@@ -4,20 +4,27 @@
   adds them in code at fixed ids from 151643, so the file must hold exactly the 151,643 ordinary ranks 0..151642.
 - JsonTokenizer: a `tokenizer.json` (the `tokenizers` library's format, shipped by SmolLM2, Qwen1.5/2/2.5 ...) with the
   same interface.
-- load_tokenizer(folder) picks the one a model folder carries.
+- load_tokenizer(folder) picks the one a model folder carries whose ids all have a row in the model's embedding.
 """
 import base64
-import json
+import logging
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import AbstractSet, Iterable, Optional, Sequence, Union
 
 import tiktoken
 
+from .config import field_problems, is_int, require_object, shown
+from .json_files import read_json
+
+log = logging.getLogger("qwen_quant")
+
 TIKTOKEN_FILE = "qwen.tiktoken"
 TOKENIZER_JSON = "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
+MODEL_CONFIG = "config.json"
 # Qwen's pre-tokenizer (tokenization_qwen.py): `\p{N}` alone makes every digit its own token.
 PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
            r"""|\s+(?!\S)|\s+""")
@@ -238,38 +245,93 @@ class JsonTokenizer:
         return self._stop_ids
 
     def _read_stop_ids(self) -> tuple[int, ...]:
-        """eos_token_id and the one-token stop_words_ids of generation_config.json; when it names none (or there is
-        no such file), `<|im_end|>` and `<|endoftext|>`."""
+        """The stop ids generation_config.json names; when it names none (or there is no such file), `<|im_end|>` and
+        `<|endoftext|>`."""
         if self.generation_config is None:
             return (self.im_end_id, self.eod_id)
-        try:
-            config = json.loads(self.generation_config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{self.generation_config} is not valid JSON: {err}") from None
-        eos = config.get("eos_token_id")
-        stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
-        stops += [words[0] for words in config.get("stop_words_ids") or ()
-                  if isinstance(words, list) and len(words) == 1]
-        if not stops:
-            return (self.im_end_id, self.eod_id)
-        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in stops):
-            raise ValueError(f"{self.generation_config}: eos_token_id / stop_words_ids {stops} must name token ids "
-                             f"0..{self.vocab_size - 1}")
-        return tuple(dict.fromkeys(stops))
+        config = read_json(self.generation_config)
+        require_object(config, str(self.generation_config))
+        return generation_stop_ids(config, str(self.generation_config), self.vocab_size) or (self.im_end_id,
+                                                                                            self.eod_id)
+
+
+def is_id_list(value) -> bool:
+    """A non-empty JSON list of integers (JSON true is no id)."""
+    return isinstance(value, list) and len(value) > 0 and all(is_int(i) for i in value)
+
+
+def generation_stop_ids(config: dict, source: str, vocab_size: int) -> tuple[int, ...]:
+    """eos_token_id (an id or a non-empty list of ids) and the one-token stop_words_ids (a list of id lists) of a
+    generation config, each field type-checked and every id one of the vocabulary's; a field that is null or absent
+    names none."""
+    eos, words = config.get("eos_token_id"), config.get("stop_words_ids")
+    problems = []
+    if not (eos is None or is_int(eos) or is_id_list(eos)):
+        problems.append(f"eos_token_id={shown(eos)} must be a token id or a non-empty list of token ids")
+    if not (words is None or isinstance(words, list) and all(is_id_list(w) for w in words)):
+        problems.append(f"stop_words_ids={shown(words)} must be a list of non-empty lists of token ids")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    eos_ids = [] if eos is None else [eos] if is_int(eos) else eos
+    bad = [i for i in [*eos_ids, *(i for w in words or () for i in w)] if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{source}: eos_token_id / stop_words_ids name ids {shown(bad)} outside the vocabulary's "
+                         f"0..{vocab_size - 1}")
+    return tuple(dict.fromkeys([*eos_ids, *(w[0] for w in words or () if len(w) == 1)]))
 
 
 Tokenizer = Union[QwenTokenizer, JsonTokenizer]
 
 
+TOKENIZER_CLASSES = {TIKTOKEN_FILE: QwenTokenizer, TOKENIZER_JSON: JsonTokenizer}
+# Two tokenizers of one folder that both fit the model agree when they give the same ids for this text (English,
+# Chinese, digits, code, white space and a special token's text): then they are one tokenizer in two formats.
+AGREEMENT_PROBE = ("The capital of France is Paris. 通义千问是阿里云研发的大语言模型。 12345 + 0.5 = "
+                   "def f(x):\n\treturn x ** 2  # <|im_end|>\n\n")
+
+
+def model_vocab_size(folder: Path) -> Optional[int]:
+    """The vocab_size of the folder's config.json (the embedding rows, so every id a tokenizer gives needs one), None
+    when there is no config.json or it names none. Only this field is read: choosing a tokenizer must not depend on
+    the rest of the model's config."""
+    path = folder / MODEL_CONFIG
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    require_object(config, str(path))
+    vocab = config.get("vocab_size")
+    problems = [] if vocab is None else field_problems(SimpleNamespace(vocab_size=vocab), positive_ints=("vocab_size",))
+    if problems:
+        raise ValueError(f"{path}: {problems[0]}")
+    return vocab
+
+
 def load_tokenizer(folder: Union[str, Path]) -> Optional[Tokenizer]:
     """The tokenizer a model folder carries: QwenTokenizer for `qwen.tiktoken`, JsonTokenizer for `tokenizer.json`,
-    None when it has neither (token ids then need no tokenizer)."""
+    None when it has neither (token ids then need no tokenizer). It must fit the model (all its ids below config.json's
+    vocab_size); of a folder holding both files, the one that fits. A tokenizer that does not fit, or two that both
+    (or neither) fit, is an error before any text is encoded with the wrong one."""
     folder = Path(folder)
-    if (folder / TIKTOKEN_FILE).is_file():
-        return QwenTokenizer.from_pretrained(folder)
-    if (folder / TOKENIZER_JSON).is_file():
-        return JsonTokenizer.from_pretrained(folder)
-    return None
+    found = {folder / name: cls.from_pretrained(folder) for name, cls in TOKENIZER_CLASSES.items()
+             if (folder / name).is_file()}
+    if not found:
+        return None
+    vocab = model_vocab_size(folder)
+    fitting = [file for file, tokenizer in found.items() if vocab is None or tokenizer.vocab_size <= vocab]
+    if len(fitting) == 1:
+        if len(found) > 1:
+            log.info("%s: using %s, the tokenizer that fits the model's vocab_size %d", folder, fitting[0].name, vocab)
+        return found[fitting[0]]
+    if len(fitting) == 2 and len({tuple(t.encode(AGREEMENT_PROBE)) for t in found.values()}) == 1:
+        return found[folder / TIKTOKEN_FILE]  # the same tokenizer in two formats (a converted qwen.tiktoken)
+    sizes = " and ".join(f"{file} ({tokenizer.vocab_size} ids)" for file, tokenizer in found.items())
+    if len(found) == 1:
+        raise ValueError(f"{sizes} does not fit the model: its {MODEL_CONFIG} has vocab_size {vocab}, so ids past "
+                         f"{vocab - 1} have no embedding row. Is it this model's tokenizer?")
+    why = (f"{'both fit' if fitting else 'neither fits'} the model's vocab_size {vocab} ({MODEL_CONFIG})"
+           + (" but they encode text differently" if fitting else "")
+           if vocab is not None else f"no {MODEL_CONFIG} vocab_size tells which is the model's")
+    raise ValueError(f"{folder} holds two tokenizers, {sizes}, and {why}: remove the one that is not the model's")
 
 
 def encode_chatml(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
