@@ -135,7 +135,8 @@ def test_two_d_tensor_is_used_as_is():
     ids = torch.arange(12, dtype=torch.int32).reshape(3, 4)
     samples = get_calibration_data(ids, nsamples=3, seqlen=4)
     assert samples.dtype == torch.int64 and torch.equal(samples, ids.long())
-    with pytest.raises(ValueError, match=re.escape("shape [nsamples=2, seqlen=4], got torch.int32 of shape (3, 4)")):
+    with pytest.raises(ValueError, match=re.escape("the torch tensor of token ids is 2-D, windows used as they are, so "
+                                                   "its shape must be [nsamples=2, seqlen=4], got (3, 4)")):
         get_calibration_data(ids, nsamples=2, seqlen=4)
 
 
@@ -217,7 +218,7 @@ def test_source_errors(tokenizer, tmp_path, stories_dir):
     with pytest.raises(ValueError, match="is empty"):
         get_calibration_data(tmp_path / "empty.npy")
     np.save(tmp_path / "floats.npy", np.zeros(300, dtype=np.float32))
-    with pytest.raises(ValueError, match="1-D array of integer token ids, got float32"):
+    with pytest.raises(ValueError, match="1-D or 2-D array of integer token ids, got float32"):
         get_calibration_data(tmp_path / "floats.npy")
     with pytest.raises(ValueError, match="has 96238 tokens, fewer than one window of seqlen=100000"):
         get_calibration_data(stories_dir / "calib_ids.npy", seqlen=100_000)
