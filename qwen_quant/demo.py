@@ -16,8 +16,9 @@ STORY_TOKENS = 60
 EVAL_SEQLEN = 256
 
 
-def run_demo(output=None, print_fn=print) -> dict:
-    """Quantize the embedded model into `output` (a temporary folder when None) and print the comparison."""
+def run_demo(output=None, overwrite: bool = False, print_fn=print) -> dict:
+    """Quantize the embedded model into `output` (a temporary folder when None) and print the comparison.
+    overwrite: replace `output` when it holds a previous output of ours (quantize's overwrite)."""
     from .evaluate import perplexity
     from .memory import format_published_table, published_table
     from .model import QwenForCausalLM
@@ -28,7 +29,7 @@ def run_demo(output=None, print_fn=print) -> dict:
         out = Path(output) if output else Path(tmp) / "stories260k_qwen-Int4"
         print_fn(f"Quantizing the embedded stories260k_qwen ({DEMO_MODEL}) to Int4 with GPTQ, group 32 ...")
         report = quantize(DEMO_MODEL, out, bits=4, group_size=32, calibration=DEMO_MODEL / "calib_ids.npy",
-                          nsamples=32, seqlen=128, progress=False)
+                          nsamples=32, seqlen=128, overwrite=overwrite, progress=False)
         print_fn(summary_table(report, worst=3))
         eval_ids = torch.from_numpy(np.load(DEMO_MODEL / "eval_ids.npy").astype(np.int64))
         results = {"output": out if output else None}  # a temporary folder is gone once this returns

@@ -228,8 +228,8 @@ def sharded(tmp_path) -> Path:
 @pytest.mark.parametrize("content, message", [
     (b'{"weight_map": {}\xff}', "is not UTF-8 text"),
     (b'{"weight_map": ' + b"[" * DEEP + b"]" * DEEP + b"}", "nests its JSON arrays or objects too deeply"),
-    (b"[1, 2]", "is not a valid safetensors index: TypeError"),
-    (b'{"metadata": {}}', "is not a valid safetensors index: KeyError"),
+    (b"[1, 2]", "is not a valid safetensors weight index: TypeError"),
+    (b'{"metadata": {}}', "is not a valid safetensors weight index: KeyError"),
 ])
 def test_safetensors_index_that_cannot_be_read_is_an_error_naming_it(sharded, capsys, content, message):
     (sharded / INDEX_NAME).write_bytes(content)
