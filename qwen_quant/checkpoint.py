@@ -21,12 +21,17 @@ from typing import Iterable, Optional
 
 import torch
 
+from .json_files import parse_json, read_json
 from .published import find_published, published_names
 
 log = logging.getLogger("qwen_quant")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Hugging Face's pickle weights: one file, or shards listed by an index, or (without one) shards named like this.
+PICKLE_NAME = "pytorch_model.bin"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SHARDS = "pytorch_model-*.bin"
 # The files a reader of Qwen's published folders uses besides the weights: remote code and its kernels, tokenizers
 # (Qwen's tiktoken, tokenizer.json of other models, llama2.c's tok512.bin), generation settings and the licenses,
 # which must travel with derived weights (copied, never imported).
@@ -91,19 +96,11 @@ class WeightReader:
         self.files: dict[str, Path] = {}  # tensor name -> file
         self._pickled: dict[str, torch.Tensor] = {}
         self._headers: dict[Path, dict] = {}
+        # When set (a hashlib object), every tensor get() gives goes into it as it is read: the resume key of quantize.
+        self.digest = None
         index = self.folder / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index} is not a valid safetensors index: {type(e).__name__} {e}") from None
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: weight_map must be an object of tensor name -> file name")
-            for name, file in weight_map.items():
-                self.files[name] = self._index_entry(index, name, file)
-            for file in sorted(set(self.files.values())):
-                if not file.is_file():
-                    raise FileNotFoundError(f"{index} lists {file.relative_to(self.folder)}, which is missing")
+            self.files = self._index_map(index, ".safetensors")
             for name, file in self.files.items():
                 if name not in self._header(file):
                     raise ValueError(f"{index} puts tensor {name} in {file.name}, whose header does not hold it")
@@ -112,14 +109,15 @@ class WeightReader:
         else:
             self._load_pickles(allow_pickle)
 
-    def _index_entry(self, index: Path, name, file) -> Path:
-        """The weight file an index entry names, which must lie inside the model folder. Only the file itself may be
-        a link (the Hugging Face cache links every file of a snapshot to its blobs/); the folders on the way may not."""
+    def _index_entry(self, index: Path, name, file, suffix: str = ".safetensors") -> Path:
+        """The weight file an index entry names, which must end with `suffix` and lie inside the model folder. Only
+        the file itself may be a link (the Hugging Face cache links every file of a snapshot to its blobs/); the
+        folders on the way may not."""
         relative = PurePosixPath(file) if isinstance(file, str) else None
         if (not isinstance(name, str) or relative is None or relative.is_absolute() or ".." in relative.parts
-                or "\\" in file or not relative.name.endswith(".safetensors")):
+                or "\\" in file or not relative.name.endswith(suffix)):
             raise ValueError(f"{index}: weight_map entry {reprlib.repr(name)}: {reprlib.repr(file)} is not the name "
-                             "of a .safetensors file inside the model folder")
+                             f"of a {suffix} file inside the model folder")
         path = self.folder / relative
         inside = self.folder.resolve() / relative.parent
         if path.parent.exists() and path.parent.resolve() != inside:
@@ -136,10 +134,36 @@ class WeightReader:
             self._headers[file] = read_safetensors_header(file)
         return self._headers[file]
 
+    def _index_map(self, index: Path, suffix: str) -> dict[str, Path]:
+        """tensor name -> weight file of an index's weight_map, each file checked by _index_entry and present."""
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError) as e:  # no weight_map, or the file is not a JSON object
+            raise ValueError(f"{index} is not a valid {suffix.lstrip('.')} weight index: {type(e).__name__} {e}") \
+                from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must be an object of tensor name -> file name")
+        files = {name: self._index_entry(index, name, file, suffix) for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} lists {file.relative_to(self.folder)}, which is missing")
+        return files
+
+    def _pickle_files(self) -> list[Path]:
+        """The pickle weights, by Hugging Face's names: pytorch_model.bin, else the shards its index lists, else
+        pytorch_model-*.bin shards in name order. Other .bin files of a folder are no weights (tok512.bin,
+        training_args.bin). The index only lists the files: each tensor is read from the file that holds it."""
+        if (self.folder / PICKLE_NAME).is_file():
+            return [self.folder / PICKLE_NAME]
+        if (self.folder / PICKLE_INDEX_NAME).is_file():
+            return sorted(set(self._index_map(self.folder / PICKLE_INDEX_NAME, ".bin").values()))
+        return sorted(path for path in self.folder.glob(PICKLE_SHARDS) if path.is_file())
+
     def _load_pickles(self, allow_pickle: bool) -> None:
-        pickles = sorted(self.folder.glob("*.bin"))
+        pickles = self._pickle_files()
         if not pickles:
-            raise FileNotFoundError(f"no weights in {self.folder}: expected {SINGLE_NAME} or {INDEX_NAME}")
+            raise FileNotFoundError(f"no weights in {self.folder}: expected {SINGLE_NAME} or {INDEX_NAME} (or, with "
+                                    f"allow_pickle, {PICKLE_NAME}, {PICKLE_INDEX_NAME} or {PICKLE_SHARDS} shards)")
         if not allow_pickle:
             raise ValueError(f"{self.folder} holds only pickle weights ({pickles[0].name}); they can execute code "
                              "when loaded. Convert them to safetensors, or pass allow_pickle=True to load them "
@@ -153,6 +177,8 @@ class WeightReader:
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise ValueError(f"{file} does not hold a dict of tensor name -> tensor")
             for name, tensor in state.items():
+                if name in self.files:
+                    raise ValueError(f"tensor {name} is in both {self.files[name].name} and {file.name}")
                 self._pickled[name] = tensor
                 self.files[name] = file
 
@@ -182,7 +208,7 @@ class WeightReader:
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._pickled:
-            return self._pickled[name]
+            return self._hashed(name, self._pickled[name])
         if name not in self.files:
             raise KeyError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         file = self.files[name]
@@ -197,6 +223,13 @@ class WeightReader:
             f.seek(info["data_start"] + begin)
             if tensor.numel() and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
                 raise ValueError(f"cannot read tensor {name} from {file}: the file ends early (truncated?)")
+        return self._hashed(name, tensor)
+
+    def _hashed(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor, its name, dtype, shape and bytes added to self.digest when one is set."""
+        if self.digest is not None:
+            self.digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+            self.digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
         return tensor
 
 
@@ -222,9 +255,9 @@ def read_safetensors_header(file: Path) -> dict:
                              "larger than the file; is it truncated or corrupt?)")
         raw = f.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
+        header = parse_json(raw, "its header")
+    except ValueError as e:  # not UTF-8, not JSON or nested too deeply: the reason, never the bytes
+        raise ValueError(f"cannot read {file}: not a valid safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"cannot read {file}: not a valid safetensors file (its header is not a JSON object; is it "
                          "truncated or corrupt?)")

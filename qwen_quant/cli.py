@@ -63,10 +63,8 @@ def device_name(text: str) -> str:
     return text
 
 
-SEED = int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
 def quantize_parser() -> argparse.ArgumentParser:
+    from .calibration import SEED_RANGE
     from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
@@ -97,7 +95,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="c4", help="c4, wikitext2, or a .txt / .jsonl (chats) / .npy file")
     p.add_argument("--nsamples", type=int_at_least(1), default=128)
     p.add_argument("--seqlen", type=int_at_least(1), default=2048)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=int_at_least(SEED_RANGE[0], SEED_RANGE[1] - 1), default=0)
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", default=None, help="output folder (default: MODEL-Int4 / MODEL-Int8 here)")
@@ -150,6 +148,7 @@ def demo_parser() -> argparse.ArgumentParser:
                                 "the package (stories260k_qwen) to Int4, offline, and compare it with the original: "
                                 "perplexity, a greedy story from each, and the memory table of the published sizes.")
     p.add_argument("--output", default=None, help="keep the Int4 folder here (default: a temporary folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --output folder of an earlier run")
     return p
 
 
@@ -163,6 +162,8 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int_at_least(1), default=2048)
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tp", type=int, default=None, help="plan the MLP width padded for this many GPUs (as quantize's "
+                   "--tp: 1, 2, 4 or 8)")
     return p
 
 
@@ -212,13 +213,13 @@ def run_plan(args) -> None:
     from .plan import plan_report
 
     print(plan_report(args.model, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
-                      seqlen=args.seqlen, device=args.device, method=args.method))
+                      seqlen=args.seqlen, device=args.device, method=args.method, tp=args.tp))
 
 
 def run_demo(args) -> None:
     from .demo import run_demo as demo
 
-    demo(args.output)
+    demo(args.output, overwrite=args.overwrite)
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,10 @@ time per work folder, and resume keyed by content.
 
 A run deletes only what this tool wrote: an existing output folder is replaced only when it is empty or a previous
 output (quantize_config.json and our model card, nothing but files), and a work folder is cleared only when it holds
-our lock or settings. Each finished block is one file (its tensors, its layer reports and their checksum, committed by
-one rename), so a kill at any point resumes cleanly and a damaged block file is quantized again.
+our lock or settings, and a failed run removes the work folder it made unless it holds a finished block to resume.
+Each finished block is one file (its tensors, its layer reports, the key of the source content it was made from and
+their checksum, committed by one rename), so a kill at any point resumes cleanly, and a damaged block file, or one
+made from other source weights, is quantized again.
 """
 import errno
 import fcntl
@@ -20,6 +22,8 @@ from typing import Optional
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .json_files import read_json
 
 log = logging.getLogger("qwen_quant")
 MODEL_CARD_MARK = "made with qwen_quant"  # in the first lines of every model card we write
@@ -89,8 +93,10 @@ def write_atomic(write, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def tensors_digest(tensors: dict) -> str:
-    digest = hashlib.sha256()
+def block_digest(tensors: dict, metadata: dict) -> str:
+    """A block file's checksum: its metadata (layer reports, source key), then its tensors' names, dtypes, shapes and
+    bytes."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
@@ -98,11 +104,21 @@ def tensors_digest(tensors: dict) -> str:
     return digest.hexdigest()
 
 
+def finished_block_bytes(work: Path) -> int:
+    """The disk that the finished blocks of a work folder hold (0 when there is none): what --resume reuses."""
+    blocks = work / "blocks"
+    return sum(f.stat().st_size for f in blocks.glob("block_*.safetensors")) if blocks.is_dir() else 0
+
+
 class WorkFolder:
-    """OUTPUT.partial: settings.json, blocks/block_NNNNN.safetensors and the export, locked for one run at a time."""
+    """OUTPUT.partial: settings.json, blocks/block_NNNNN.safetensors and the export, locked for one run at a time.
+
+    Used as a context: a run that fails removes the folders it made (this one and any above it) unless they hold a
+    finished block, for --resume; it never removes a folder that was there before."""
 
     def __init__(self, path: Path, resume: bool):
         self.path, self.resume = path, resume
+        self.made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
         path.mkdir(parents=True, exist_ok=True)  # the run's first write: a read-only location fails here, at once
         self._lock = open(path / LOCK_NAME, "a")
         try:
@@ -117,14 +133,40 @@ class WorkFolder:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         (path / "blocks").mkdir(exist_ok=True)
 
+    def __enter__(self) -> "WorkFolder":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None and self.made and not any(self.path.glob("blocks/block_*.safetensors")):
+            shutil.rmtree(self.path, ignore_errors=True)  # ours and locked: nothing in it to resume
+            for folder in self.made[1:]:  # empty unless something else wrote there meanwhile: then it stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self._lock.close()
+
+    def saved_settings(self) -> Optional[dict]:
+        """The settings a previous run recorded, or None when there are none or they cannot be read (with a warning:
+        its finished blocks are then quantized again)."""
+        file = self.path / SETTINGS_NAME
+        if not file.is_file():
+            return None
+        try:
+            saved = read_json(file)
+            if not isinstance(saved, dict):
+                raise ValueError(f"{file} is not a JSON object")
+            return saved
+        except ValueError as e:
+            log.warning(f"{e}: the finished blocks in {self.path} cannot be matched to their settings and are "
+                        "quantized again")
+            return None
+
     def start(self, settings: dict) -> None:
         """Record the run's settings; a resumed run must have the same ones (inputs are compared by content)."""
         file = self.path / SETTINGS_NAME
-        if self.resume and file.is_file():
-            try:
-                saved = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                saved = {}
+        saved = self.saved_settings() if self.resume else None
+        if saved is not None:
             changed = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
             if changed:
                 raise ValueError(f"--resume: {self.path} was started with other settings or inputs ({', '.join(changed)} "
@@ -137,13 +179,16 @@ class WorkFolder:
     def block_file(self, i: int) -> Path:
         return self.path / "blocks" / f"block_{i:05d}.safetensors"
 
-    def save_block(self, i: int, tensors: dict, layers: list) -> None:
-        metadata = {"layers": json.dumps(layers), "sha256": tensors_digest(tensors)}
+    def save_block(self, i: int, tensors: dict, layers: list, source_key: str) -> None:
+        """source_key: the content the block was made from (quantize.read_keyed)."""
+        metadata = {"layers": json.dumps(layers), "source_key": source_key}
+        metadata["sha256"] = block_digest(tensors, metadata)
         data = safetensors.torch.save(tensors, metadata=metadata)  # written by Python: a full disk is an OSError
         write_atomic(lambda p: p.write_bytes(data), self.block_file(i))
 
-    def load_block(self, i: int) -> Optional[tuple]:
-        """(tensors, layer reports) of a finished block, or None when it is not done or its file is damaged."""
+    def load_block(self, i: int, source_key: str) -> Optional[tuple]:
+        """(tensors, layer reports) of a finished block, or None when it is not done, its file is damaged, or it was
+        made from other source content than source_key: then it and every later block are quantized again."""
         file = self.block_file(i)
         if not file.is_file():
             return None
@@ -151,13 +196,22 @@ class WorkFolder:
             with safe_open(file, "pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
-            if metadata.get("sha256") != tensors_digest(tensors):
-                raise ValueError("its checksum does not match its tensors")
-            return tensors, json.loads(metadata["layers"])
+            checksum = metadata.pop("sha256", None)
+            if checksum != block_digest(tensors, metadata):
+                raise ValueError("its checksum does not match its contents")
+            layers = json.loads(metadata["layers"])
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             log.warning(f"{file} is damaged ({type(e).__name__}: {e}); block {i} is quantized again")
             file.unlink()
             return None
+        if metadata.get("source_key") != source_key:
+            later = [f for f in self.path.glob("blocks/block_*.safetensors") if f.name >= file.name]
+            log.warning(f"the source weights of block {i} or of those before it (or the embedding) changed since "
+                        f"{file} was made: blocks {i} to the last are quantized again")
+            for stale in later:
+                stale.unlink()
+            return None
+        return tensors, layers
 
     def publish(self, checkpoint: Path, output: Path, overwrite: bool) -> None:
         """Move the finished checkpoint to output (replacing a previous output), then remove the work folder."""

@@ -6,11 +6,17 @@ embedding the calibration windows, quantizing a block (the widest layer's GPTQ),
 and lm_head streamed to disk). The terms live in `quantization_terms` alone, so they follow quantize() when it changes.
 The time is the run's arithmetic (forwards of every block over nsamples x seqlen tokens, the Hessians, GPTQ's
 factorizations and updates) at this machine's measured matmul rate: a floor, as it leaves out Python overhead and
-memory-bound work. `check_plan` is the check quantize() makes before its first block.
+memory-bound work.
+
+Before its first block, quantize() checks its arguments' types (`check_arguments`), its settings against the model
+(`check_settings`) and its plan against the machine (`check_plan`: disk, physical memory, the GPU's free memory);
+`qwen-quantize plan` (`plan_report`) makes the same checks but the disk's, so it refuses what a run would refuse.
 """
 import ctypes
 import functools
+import math
 import os
+import reprlib
 import resource
 import shutil
 import time
@@ -20,11 +26,14 @@ from typing import Optional, Union
 
 import torch
 
-from .config import QwenConfig
+from .config import QwenConfig, is_int
+from .cpu import fast_bf16_matmul
 from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 from .layout import RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
 from .memory import MemoryEstimate, format_memory_report
+from .packing import check_bits, valid_group_size, values_per_period
 from .published import find_published
+from .tensor_parallel import check_tp, padded_ffn
 
 CHUNK_TOKENS = 2048  # token rows per forward step of a quantization run: bounds the temporary memory of a stage
 
@@ -32,11 +41,10 @@ CHUNK_TOKENS = 2048  # token rows per forward step of a quantization run: bounds
 def block_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a block's weights and arithmetic while it is quantized; activations are kept in `dtype`.
 
-    A CPU without bf16 instructions (AVX512-BF16 or AMX) multiplies bf16 matrices several times slower than fp32
-    (6.6x on AVX2 at 2048 x 2048 x 5504), so there the block computes in fp32.
+    A CPU without bf16 matmuls (cpu.fast_bf16_matmul) multiplies bf16 matrices several times slower than fp32, so
+    there the block computes in fp32.
     """
-    if device.type == "cpu" and dtype == torch.bfloat16 and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if device.type == "cpu" and dtype == torch.bfloat16 and not fast_bf16_matmul():
         return torch.float32
     return dtype
 
@@ -370,26 +378,112 @@ def plan_totals(plan: QuantPlan) -> str:
             f"{plan.disk.total / 1e9:.2f} GB of disk, about {plan.seconds:.0f} s of arithmetic")
 
 
+# quantize()'s and plan_report()'s arguments by kind: whole numbers with their range (least, most), or None where
+# a later rule knows the values; finite numbers with theirs; flags. tp and group_act_order may also be None.
+# (damp_percent, desc_act, static_groups and sym are QuantConfig's fields: its own rules check them.)
+WHOLE_ARGUMENTS = {"bits": None, "group_size": None, "tp": None, "nsamples": (1, math.inf), "seqlen": (1, math.inf),
+                   "seed": (0, 2**64 - 1), "refine_passes": (0, math.inf)}  # seed: what torch.Generator takes
+NUMBER_ARGUMENTS = {"asym_calibration": (0, 1), "max_shard_bytes": (1, math.inf)}
+FLAG_ARGUMENTS = ("mse", "resume", "overwrite", "input_scaling", "progress", "group_act_order")
+OPTIONAL_ARGUMENTS = ("tp", "group_act_order")
+METHODS = ("gptq", "rtn")
+
+
+def check_arguments(bits, group_size, method, **arguments) -> None:
+    """Types before values, before any file is read: each of quantize()'s and plan_report()'s arguments by name (True
+    is not 1, 2.0 is not 2, "2" is not 2), then the values of bits, group_size and method, as a ValueError naming the
+    argument."""
+    for name, value in {"bits": bits, "group_size": group_size, **arguments}.items():
+        if value is None and name in OPTIONAL_ARGUMENTS:
+            continue
+        if name in FLAG_ARGUMENTS:
+            valid, wanted = isinstance(value, bool), "True or False"
+        else:
+            whole = name in WHOLE_ARGUMENTS
+            least, most = (WHOLE_ARGUMENTS if whole else NUMBER_ARGUMENTS)[name] or (-math.inf, math.inf)
+            typed = is_int(value) or not whole and isinstance(value, float) and math.isfinite(value)
+            valid = typed and least <= value <= most
+            wanted = ("a whole number" if whole else "a finite number") + (
+                "" if least == -math.inf else f" >= {least}" if most == math.inf else f" in [{least}, {most}]")
+        if not valid:
+            raise ValueError(f"{name} must be {wanted}{' or None' * (name in OPTIONAL_ARGUMENTS)}, "
+                             f"got {reprlib.repr(value)}")
+    check_bits(bits)
+    if not valid_group_size(group_size):
+        raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
+    if method not in METHODS:
+        raise ValueError(f"method {reprlib.repr(method)} is not one of {METHODS}")
+
+
+def check_settings(config: QwenConfig, source, bits: int, group_size: int, method: str, seqlen: int,
+                   tp: Optional[int] = None) -> QwenConfig:
+    """The run's settings (check_arguments passed) against its model, as quantize() and `qwen-quantize plan` check
+    them before anything else. Returns the output's config: the source's, with the MLP width grown for tp
+    (tensor_parallel.padded_ffn)."""
+    if config.quantization_config is not None:
+        raise ValueError(f"{source} is already quantized ({config.quantization_config.bits}-bit)")
+    if method == "gptq" and seqlen > config.max_position_embeddings:  # RTN reads no calibration
+        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}: lower --seqlen")
+    out_config = QwenConfig.from_dict(config.to_dict())
+    if tp is not None:
+        check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size)
+        out_config.intermediate_size = 2 * padded_ffn(config.ffn_size, group_size, tp)
+    word = values_per_period(bits)[0]
+    for name, (k, _, _) in linear_shapes(out_config).items():
+        if k % word:
+            raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {word}")
+    return out_config
+
+
+def physical_memory_bytes() -> int:
+    """This machine's memory: no run's resident memory can pass it."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# The terms that grow with --nsamples x --seqlen: the calibration windows' ids, embeddings and activations.
+CALIBRATION_TERMS = ("calibration tokens", "embeddings", "embeddings in the compute dtype", "calibration activations")
+
+
+def check_memory(plan: QuantPlan, device: torch.device) -> None:
+    """Stop a run whose peak RSS passes this machine's memory, or whose GPU peak passes the GPU's free memory (for a
+    cuda device), naming what to change."""
+    gib, host = 2**30, plan.host_memory
+    physical = physical_memory_bytes()
+    if host.total > physical:
+        calibration = sum(host.terms.get(t, 0) for t in CALIBRATION_TERMS)
+        advice = (f"lower --nsamples or --seqlen (the calibration windows take {calibration / gib:.2f} GiB of it)"
+                  if calibration else "quantize on a machine with more memory")
+        raise ValueError(f"the run ({plan.description}) needs about {host.total / gib:.2f} GiB of host memory "
+                         f"(peak RSS) and this machine has {physical / gib:.2f} GiB: {advice}")
+    if device.type == "cuda":
+        free_gpu, _ = torch.cuda.mem_get_info(device)
+        if plan.device_memory.total > free_gpu:
+            activations = plan.device_memory.terms.get("calibration activations", 0)
+            raise ValueError(f"the run needs about {plan.device_memory.total / gib:.2f} GiB on {device} and "
+                             f"{free_gpu / gib:.2f} GiB are free: lower --nsamples or --seqlen (the calibration "
+                             f"activations take {activations / gib:.2f} GiB), or use --device cpu")
+
+
 def check_plan(plan: QuantPlan, output: Path, device: torch.device, reusable_bytes: int = 0) -> None:
-    """Stop a run that cannot fit, naming what to change. reusable_bytes: finished blocks already on the disk."""
+    """Stop a run that cannot fit its disk or memory, naming what to change. reusable_bytes: finished blocks already
+    on the disk."""
     need = plan.disk.total - reusable_bytes
     free = free_disk_bytes(output)
     if need > free:
         raise ValueError(f"not enough disk for {output}: the run needs {need / 1e9:.2f} GB (finished blocks, the "
                          f"output checkpoint and a shard being written) and {free / 1e9:.2f} GB are free; free some "
                          f"space or choose another --output")
-    if device.type == "cuda":
-        free_gpu, _ = torch.cuda.mem_get_info(device)
-        if plan.device_memory.total > free_gpu:
-            activations = plan.device_memory.terms.get("calibration activations", 0)
-            raise ValueError(f"the run needs about {plan.device_memory.total / 2**30:.2f} GiB on {device} and "
-                             f"{free_gpu / 2**30:.2f} GiB are free: lower --nsamples or --seqlen (the calibration "
-                             f"activations take {activations / 2**30:.2f} GiB), or use --device cpu")
+    check_memory(plan, device)
 
 
 def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, group_size: int = 128,
-                nsamples: int = 128, seqlen: int = 2048, device: str = "cpu", method: str = "gptq") -> str:
-    """The `qwen-quantize plan` report for a published name (no download), a folder with config.json, or a config."""
+                nsamples: int = 128, seqlen: int = 2048, device: str = "cpu", method: str = "gptq",
+                tp: Optional[int] = None) -> str:
+    """The `qwen-quantize plan` report for a published name (no download), a folder with config.json, or a config;
+    refused, as quantize() would refuse the run, when the settings do not fit the model or the plan this machine's
+    memory (or, on a machine with a GPU, its free memory)."""
+    check_arguments(bits, group_size, method, nsamples=nsamples, seqlen=seqlen, tp=tp)
     if isinstance(name_or_folder, QwenConfig):
         config, title = name_or_folder, "config"
     elif (published := find_published(str(name_or_folder))) is not None:
@@ -400,7 +494,11 @@ def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, gro
     else:
         folder = Path(name_or_folder).expanduser()
         config, title = QwenConfig.from_file(folder), str(folder)
-    return format_plan(plan_quantization(config, bits, group_size, nsamples, seqlen, device, method=method), title)
+    out_config = check_settings(config, title, bits, group_size, method, seqlen, tp)
+    plan = plan_quantization(out_config, bits, group_size, nsamples, seqlen, device, method=method)
+    # This machine's memory always; the GPU's free memory where there is a GPU to ask.
+    check_memory(plan, torch.device(device if torch.cuda.is_available() else "cpu"))
+    return format_plan(plan, title)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -26,18 +26,17 @@ from .finite import SLICE_ELEMENTS, all_finite
 from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
                    gptq_quantize, input_scales, rtn_quantize)
 from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
-                     QUANTIZED_LINEARS, UNQUANTIZED, block_prefix, linear_shapes)
+                     QUANTIZED_LINEARS, UNQUANTIZED, block_prefix)
 from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
-from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors
-from .packing import check_bits, dequantize, pack_qweight, pack_qzeros, valid_group_size, values_per_period
-from .plan import (CHUNK_TOKENS, block_compute_dtype, check_plan, peak_rss_bytes, plan_quantization,
-                   plan_totals, return_freed_tensors_to_os)
+from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors, finished_block_bytes
+from .packing import dequantize, pack_qweight, pack_qzeros
+from .plan import (CHUNK_TOKENS, block_compute_dtype, check_arguments, check_plan, check_settings, peak_rss_bytes,
+                   plan_quantization, plan_totals, return_freed_tensors_to_os)
 from .published import find_published
-from .tensor_parallel import check_tp, padded_ffn, pad_mlp, tp_summary
+from .tensor_parallel import pad_mlp, tp_summary
 
 log = logging.getLogger("qwen_quant")
-METHODS = ("gptq", "rtn")
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -98,17 +97,6 @@ def default_output_name(model_path, folder: Path, bits: int) -> str:
     return f"{base}-Int{bits}"
 
 
-def check_settings(config: QwenConfig, bits: int, group_size: int, method: str) -> None:
-    check_bits(bits)
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not one of {METHODS}")
-    if not valid_group_size(group_size):
-        raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
-    for name, (k, _, _) in linear_shapes(config).items():
-        if k % values_per_period(bits)[0]:
-            raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {values_per_period(bits)[0]}")
-
-
 @filesystem_errors
 def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, desc_act: bool = False,
              sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
@@ -134,140 +122,154 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     benchmarks/RESULTS.md, "Quality ablation").
     on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
     and, during the call only, the quantizer's results.
+    resume: continue a killed run from the work folder beside the output. Other settings or calibration tokens are
+    an error; a finished block is reused only while the source content it was made from (its weights, the blocks'
+    before it and the embedding) is unchanged, else it and every later block are quantized again, with a warning.
+    Every argument's type is checked before any file is read (plan.check_arguments, and QuantConfig's own rules).
     """
     start = time.time()
-    folder = resolve_model_path(model_path, hub)
-    config = QwenConfig.from_file(folder)
-    if config.quantization_config is not None:
-        raise ValueError(f"{folder} is already quantized ({config.quantization_config.bits}-bit)")
-    # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).
-    out_config = QwenConfig.from_dict(config.to_dict())
-    if tp is not None:
-        check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size)
-        out_config.intermediate_size = 2 * padded_ffn(config.ffn_size, group_size, tp)
-    check_settings(out_config, bits, group_size, method)
-    if not 0 <= asym_calibration <= 1:  # NaN fails too
-        raise ValueError(f"asym_calibration must be in [0, 1], got {asym_calibration}")
-    if not isinstance(refine_passes, int) or refine_passes < 0:
-        raise ValueError(f"refine_passes must be a whole number >= 0, got {refine_passes!r}")
+    check_arguments(bits, group_size, method, nsamples=nsamples, seqlen=seqlen, seed=seed, resume=resume,
+                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, mse=mse, progress=progress, tp=tp,
+                    asym_calibration=asym_calibration, group_act_order=group_act_order, input_scaling=input_scaling,
+                    refine_passes=refine_passes)
+    # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
+    quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
+                        static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
     refine_passes = refine_passes if method == "gptq" else 0  # refine needs GPTQ's Hessian
     if group_act_order is None:
         group_act_order = method == "gptq" and group_size != -1 and not (desc_act or static_groups)
     check_group_act_order(group_act_order, desc_act, static_groups, group_size)
-    # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
-    quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
-                        static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
+    folder = resolve_model_path(model_path, hub)
+    config = QwenConfig.from_file(folder)
     output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, bits))
     work_path = check_output(output, folder, overwrite)
+    # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).
+    out_config = check_settings(config, folder, bits, group_size, method, seqlen, tp)
     reader = WeightReader(folder)
     check_tensors(reader, config)
-    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
-        read_fp16(reader, name)
-    work = WorkFolder(work_path, resume)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
     compute_dtype = block_compute_dtype(device, dtype)
-    plan = plan_quantization(config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
+    plan = plan_quantization(out_config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
                              tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes,
                              asym_calibration=asym_calibration, refine_passes=refine_passes)
-    check_plan(plan, output, device, reusable_bytes=sum(f.stat().st_size for f in (work.path / "blocks").iterdir()))
+    # A fresh run clears the work folder; a resumed one keeps its finished blocks.
+    check_plan(plan, output, device, reusable_bytes=finished_block_bytes(work_path) if resume else 0)
     log.info(plan_totals(plan))
+    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
+        read_fp16(reader, name)
     return_freed_tensors_to_os()
-    report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
-                            options={"mse": mse, "group_act_order": group_act_order,
-                                     "asym_calibration": asym_calibration, "input_scaling": input_scaling,
-                                     "refine_passes": refine_passes})
+    # Every check that can be made before the first write is made: a refused run leaves nothing behind, and one that
+    # fails from here on leaves only finished blocks to resume (WorkFolder's context).
+    with WorkFolder(work_path, resume) as work:
+        report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
+                                options={"mse": mse, "group_act_order": group_act_order,
+                                         "asym_calibration": asym_calibration, "input_scaling": input_scaling,
+                                         "refine_passes": refine_passes})
 
-    hidden = rope = tokens_digest = None
-    if method == "gptq":
-        calibration_start = time.perf_counter()
-        hidden, tokens_digest = embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype,
-                                                  device)
-        report.calibration_s = time.perf_counter() - calibration_start
-        rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
-                         if config.use_dynamic_ntk else 1.0)
-    # The full-precision model's activations, for asymmetric calibration.
-    fp_hidden = hidden.clone() if hidden is not None and asym_calibration else None
-    # Resume is keyed by content: the calibration tokens and the source weights' layout, not their paths.
-    settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
-                "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
-                "asym_calibration": asym_calibration, "group_act_order": group_act_order,
-                "input_scaling": input_scaling, "refine_passes": refine_passes, "config": config.to_dict(),
-                "weights_sha256": reader.fingerprint()}
-    work.start(settings)
-    bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
-    for i in bar:
-        prefix = block_prefix(i)
-        timings = BlockReport(i, results={} if on_block is not None else None)
-        block_start, block_cpu = clock(device), time.process_time()
-        with torch.device("meta"):
-            block = Block(config)
-        fill_module(block, reader, prefix, compute_dtype, device)
-        if out_config.ffn_size != config.ffn_size:
-            pad_mlp(block.mlp, out_config.ffn_size)
-        timings.read_s = clock(device) - block_start
-        saved = work.load_block(i)
-        if saved is not None:  # done before the run was killed: reuse its tensors, recompute its outputs
-            timings.layers = [LayerReport(**r) for r in saved[1]]
-            timings.resumed = True
-            report.resumed_blocks += 1
-            if fp_hidden is not None:  # its full-precision output first, while the block holds its own weights
-                run_block(block, fp_hidden, rope)
-            for path in QUANTIZED_LINEARS:
-                set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
-            if input_scaling:  # the norms hold the scales' inverses
-                for norm in BLOCK_NORMS:
-                    block.get_submodule(norm).weight.copy_(saved[0][f"{prefix}{norm}.weight"])
-            if hidden is not None:
+        hidden = rope = tokens_digest = None
+        key = ""  # the content read so far, which the next block's output depends on (read_keyed)
+        if method == "gptq":
+            calibration_start = time.perf_counter()
+            (hidden, tokens_digest), key = read_keyed(reader, key, lambda: embed_calibration(
+                folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device))
+            report.calibration_s = time.perf_counter() - calibration_start
+            rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
+                             if config.use_dynamic_ntk else 1.0)
+        # The full-precision model's activations, for asymmetric calibration.
+        fp_hidden = hidden.clone() if hidden is not None and asym_calibration else None
+        # Resume is keyed by content, not paths: the calibration tokens and the weights' layout here; each block's
+        # file holds the key of the source content it was made from.
+        settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
+                    "asym_calibration": asym_calibration, "group_act_order": group_act_order,
+                    "input_scaling": input_scaling, "refine_passes": refine_passes, "config": config.to_dict(),
+                    "weights_sha256": reader.fingerprint()}
+        work.start(settings)
+        bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
+        for i in bar:
+            prefix = block_prefix(i)
+            timings = BlockReport(i, results={} if on_block is not None else None)
+            block_start, block_cpu = clock(device), time.process_time()
+            with torch.device("meta"):
+                block = Block(config)
+            key = read_keyed(reader, key, lambda: fill_module(block, reader, prefix, compute_dtype, device))[1]
+            if out_config.ffn_size != config.ffn_size:
+                pad_mlp(block.mlp, out_config.ffn_size)
+            timings.read_s = clock(device) - block_start
+            saved = work.load_block(i, key)
+            if saved is not None:  # done before the run was killed: reuse its tensors, recompute its outputs
+                timings.layers = [LayerReport(**r) for r in saved[1]]
+                timings.resumed = True
+                report.resumed_blocks += 1
+                if fp_hidden is not None:  # its full-precision output first, while the block holds its own weights
+                    run_block(block, fp_hidden, rope)
+                for path in QUANTIZED_LINEARS:
+                    set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
+                if input_scaling:  # the norms hold the scales' inverses
+                    for norm in BLOCK_NORMS:
+                        block.get_submodule(norm).weight.copy_(saved[0][f"{prefix}{norm}.weight"])
+                if hidden is not None:
+                    step_start = clock(device)
+                    run_block(block, hidden, rope)
+                    timings.forward_s = clock(device) - step_start
+            else:
+                tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
+                                         asym_calibration, group_act_order, input_scaling, refine_passes)
                 step_start = clock(device)
-                run_block(block, hidden, rope)
-                timings.forward_s = clock(device) - step_start
-        else:
-            tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
-                                     asym_calibration, group_act_order, input_scaling, refine_passes)
-            step_start = clock(device)
-            work.save_block(i, tensors, [asdict(r) for r in timings.layers])
-            timings.write_s = clock(device) - step_start
-        if hidden is not None and not all_finite(hidden):  # blame this block, not the next one's Hessian
-            raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
-                             f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
-        del block
-        timings.seconds, timings.cpu_s = clock(device) - block_start, time.process_time() - block_cpu
-        timings.peak_rss_bytes = peak_rss_bytes()
-        report.layers += timings.layers
-        report.blocks.append(timings)
-        if on_block is not None:
-            on_block(timings)
-        timings.results = {}
-    bar.close()
-    # The calibration activations are done with: free them before the export reads the big tensors.
-    hidden = fp_hidden = None
+                work.save_block(i, tensors, [asdict(r) for r in timings.layers], key)
+                timings.write_s = clock(device) - step_start
+            if hidden is not None and not all_finite(hidden):  # blame this block, not the next one's Hessian
+                raise ValueError(f"block {i} ({prefix}*) outputs NaN or inf on the calibration inputs: its weights "
+                                 f"overflow the compute dtype {str(dtype).removeprefix('torch.')}")
+            del block
+            timings.seconds, timings.cpu_s = clock(device) - block_start, time.process_time() - block_cpu
+            timings.peak_rss_bytes = peak_rss_bytes()
+            report.layers += timings.layers
+            report.blocks.append(timings)
+            if on_block is not None:
+                on_block(timings)
+            timings.results = {}
+        bar.close()
+        # The calibration activations are done with: free them before the export reads the big tensors.
+        hidden = fp_hidden = None
 
-    out = work.path / "checkpoint"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir()
-    export_start = time.perf_counter()
-    report.output_bytes = write_shards(exported_tensors(reader, config, work), out, max_shard_bytes)
-    report.export_s = time.perf_counter() - export_start
-    out_config.torch_dtype = "float16"
-    out_config.extra.update(bf16=False, fp16=True, fp32=False)
-    out_config.quantization_config = quant
-    out_config.save(out)
-    (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
-    copy_side_files(folder, out)
-    report.notes.append(tp_summary(config, out_config, quant, tp))
-    if "auto_map" not in config.extra:
-        report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
-                            "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
-    report.seconds = time.time() - start
-    report.peak_rss_bytes = peak_rss_bytes()
-    if device.type == "cuda":
-        report.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
-    (out / "README.md").write_text(model_card(report, folder, settings), encoding="utf-8")
-    work.publish(out, output, overwrite)  # a folder replaced by --overwrite goes only once this one is complete
-    return report
+        out = work.path / "checkpoint"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        export_start = time.perf_counter()
+        report.output_bytes = write_shards(exported_tensors(reader, config, work), out, max_shard_bytes)
+        report.export_s = time.perf_counter() - export_start
+        out_config.torch_dtype = "float16"
+        out_config.extra.update(bf16=False, fp16=True, fp32=False)
+        out_config.quantization_config = quant
+        out_config.save(out)
+        (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
+        copy_side_files(folder, out)
+        report.notes.append(tp_summary(config, out_config, quant, tp))
+        if "auto_map" not in config.extra:
+            report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
+                                "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
+        report.seconds = time.time() - start
+        report.peak_rss_bytes = peak_rss_bytes()
+        if device.type == "cuda":
+            report.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
+        (out / "README.md").write_text(model_card(report, folder, settings), encoding="utf-8")
+        work.publish(out, output, overwrite)  # a folder replaced by --overwrite goes only once this one is complete
+        return report
+
+
+def read_keyed(reader: WeightReader, key: str, read: Callable) -> tuple:
+    """(read(), the new key): a sha256 of `key` and of every tensor read() takes from the checkpoint, hashed as it is
+    read. Chained from the embedding through block i, it is the source content block i's output depends on: --resume
+    reuses a finished block only when its key is unchanged."""
+    reader.digest = hashlib.sha256(key.encode())
+    try:
+        return read(), reader.digest.hexdigest()
+    finally:
+        reader.digest = None
 
 
 def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device) -> tuple:
@@ -275,8 +277,6 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     from .calibration import get_calibration_data
     from .tokenizer import load_tokenizer
 
-    if seqlen > config.max_position_embeddings:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
     tokens = get_calibration_data(calibration, load_tokenizer(folder), nsamples=nsamples, seqlen=seqlen, seed=seed)
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
@@ -564,7 +564,8 @@ def model_card(report: QuantizeReport, source: Path, settings: dict) -> str:
     return f"""# {report.output.name}
 
 GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layout of Qwen's published
-`*-Int{q.bits}` checkpoints (AutoGPTQ format `{q.checkpoint_format}`), readable by transformers + optimum/GPTQModel and vLLM.
+`*-Int{q.bits}` checkpoints (AutoGPTQ format `{q.checkpoint_format}`), readable by transformers + optimum/GPTQModel and vLLM
+(see the tensor-parallel note below).
 
 | setting | value |
 |---|---|

@@ -10,24 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_quant import cli
 from qwen_quant.calibration import get_calibration_data
 from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint
 from qwen_quant.tokenizer import QwenTokenizer
+from cli_runner import run_cli
 from tiny_model import tiny_config
 
 GOOD_CHAT = '{"messages": [{"role": "user", "content": "hello"}]}'
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stderr, stdout) of qwen-quantize; argparse's own errors exit through SystemExit."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err, captured.out
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
-from qwen_quant import cli
 from qwen_quant.checkpoint import INDEX_NAME, WeightReader, read_safetensors_header
 from qwen_quant.config import DTYPES, MAX_INT, QuantConfig, QwenConfig, is_int, is_number
 from qwen_quant.json_files import MAX_JSON_BYTES
 from qwen_quant.synthetic import save_random_checkpoint
 from qwen_quant.tokenizer import ENDOFTEXT, IM_END, IM_START, JsonTokenizer, QwenTokenizer, load_tokenizer
+from cli_runner import run_cli
 from tiny_model import tiny_config
 
 DEEP = 100_000  # far past the nesting Python's JSON parser recurses through
-
-
-def run_cli(argv, capsys) -> tuple[int, str]:
-    """(exit code, stderr) of qwen-quantize; argparse's own errors exit through SystemExit."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def copy_files(src: Path, dst: Path, names) -> Path:
@@ -99,7 +90,7 @@ def test_folder_whose_two_tokenizers_neither_fit_is_an_error_also_from_the_cli(s
     with pytest.raises(ValueError, match="neither fits the model's vocab_size 512") as e:
         load_tokenizer(stories_model)
     assert "qwen.tiktoken (151851 ids)" in str(e.value) and "tokenizer.json (49152 ids)" in str(e.value)
-    code, err = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
+    code, err, _ = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
     assert code == 2 and "holds two tokenizers" in err and "neither fits" in err
 
 
@@ -118,7 +109,7 @@ def test_a_lone_tokenizer_that_does_not_fit_the_model_is_an_error(smollm2_files,
         load_tokenizer(smollm2_files)
     assert "vocab_size 49152" in str(e.value)
     shutil.copyfile(tiktoken_file, stories_model / "qwen.tiktoken")  # today: ids out of range, later, or silently
-    code, err = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
+    code, err, _ = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
     assert code == 2 and "qwen.tiktoken (151851 ids) does not fit the model" in err and "vocab_size 512" in err
 
 
@@ -174,7 +165,7 @@ def test_generation_config_not_an_object_or_eos_true_is_an_error_also_from_the_c
     (stories_model / "generation_config.json").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_tokenizer(stories_model)
-    code, err = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
+    code, err, _ = run_cli(["eval", str(stories_model), "--seqlen", "64"], capsys)
     assert code == 2 and message in err and str(stories_model) in err
 
 
@@ -192,7 +183,7 @@ def test_config_json_that_cannot_be_read_is_an_error_naming_it_also_from_the_cli
         QwenConfig.from_file(tmp_path)
     assert str(path) in str(e.value)
     for command in ("memory", "plan"):
-        code, err = run_cli([command, str(tmp_path)], capsys)
+        code, err, _ = run_cli([command, str(tmp_path)], capsys)
         assert code == 2 and str(path) in err and message in err, (command, err)
 
 
@@ -202,7 +193,7 @@ def test_huge_config_json_is_refused_unread(tmp_path, capsys):
         f.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing is written, nothing is read
     with pytest.raises(ValueError, match=f"{path} is {MAX_JSON_BYTES + 1} bytes, larger than"):
         QwenConfig.from_file(path)
-    code, err = run_cli(["memory", str(tmp_path)], capsys)
+    code, err, _ = run_cli(["memory", str(tmp_path)], capsys)
     assert code == 2 and "bytes, larger than" in err
 
 
@@ -212,7 +203,7 @@ def test_config_json_number_of_too_many_digits_names_the_file(stories_model, cap
     path.write_text(json.dumps(config)[:-1] + ', "rope_scaling": ' + "9" * 5000 + "}")
     with pytest.raises(ValueError, match=f"{path} holds a number of more digits than Python converts"):
         QwenConfig.from_file(path)
-    code, err = run_cli(["memory", str(stories_model)], capsys)
+    code, err, _ = run_cli(["memory", str(stories_model)], capsys)
     assert code == 2 and "holds a number of more digits" in err
 
 
@@ -236,7 +227,7 @@ def test_safetensors_index_that_cannot_be_read_is_an_error_naming_it(sharded, ca
     with pytest.raises(ValueError, match=message) as e:
         WeightReader(sharded)
     assert str(sharded / INDEX_NAME) in str(e.value)
-    code, err = run_cli(["eval", str(sharded), "--seqlen", "16"], capsys)
+    code, err, _ = run_cli(["eval", str(sharded), "--seqlen", "16"], capsys)
     assert code == 2 and INDEX_NAME in err and message in err
 
 
@@ -253,7 +244,7 @@ def test_safetensors_header_that_cannot_be_read_is_an_error_naming_the_file(tmp_
     with pytest.raises(ValueError, match=message) as e:
         read_safetensors_header(file)
     assert f"cannot read {file}: not a valid safetensors file" in str(e.value)
-    code, err = run_cli(["eval", str(folder), "--seqlen", "16"], capsys)
+    code, err, _ = run_cli(["eval", str(folder), "--seqlen", "16"], capsys)
     assert code == 2 and str(file) in err and message in err
 
 

@@ -19,17 +19,8 @@ from qwen_quant.memory import estimate_memory
 from qwen_quant.model import load_dequantized, load_model
 from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint, save_random_quantized_checkpoint
+from cli_runner import run_cli
 from tiny_model import tiny_config
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stderr, stdout) of qwen-quantize; argparse's own errors exit through SystemExit."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err, captured.out
 
 
 @pytest.fixture(scope="module")
