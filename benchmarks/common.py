@@ -40,7 +40,11 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    info = {"cpu": cpu, "cores": cores, "memory_gib": round(memory / GIB, 1), "torch": torch.__version__,
+    # The kind of CPU decides our arithmetic routes (qwen_quant.cpu): AVX-512 with bf16 matmuls, or AVX2 only.
+    from qwen_quant.cpu import detected_fast_bf16_matmul
+
+    isa = torch.backends.cpu.get_cpu_capability() + (" with bf16 matmuls" if detected_fast_bf16_matmul() else "")
+    info = {"cpu": cpu, "isa": isa, "cores": cores, "memory_gib": round(memory / GIB, 1), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
@@ -52,7 +56,7 @@ def machine() -> dict:
 def machine_line(info: dict = None) -> str:
     info = info or machine()
     gpu = f", GPU {info['gpu']} (CUDA {info['cuda']})" if "gpu" in info else ""
-    line = (f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} "
+    line = (f"machine: {info['cpu']} ({info.get('isa', 'instruction set not recorded')}), {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} "
             f"({info['torch_threads']} threads), Python {info['python']}{gpu}; load average {info['load_avg_1min']}")
     if info["load_avg_1min"] > 0.5 * info["cores"]:
         line += "\nWARNING: other processes are using the CPUs: wall times are inflated (cpu s is steadier)"

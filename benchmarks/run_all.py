@@ -75,7 +75,8 @@ def markdown(results: dict) -> str:
               f"{gptq['seconds_per_block']:.1f} | {gptq['peak_rss_gib']:.2f} |", "",
               "| precision | decode tokens/s | ChatML answer to \"What is the capital of France?\" |", "|---|---|---|"]
     for d, c in zip(s["decode"], s["chat"]):
-        lines.append(f"| {d['precision']} | {d['tokens_per_s']:.1f} | {c['reply']} |")
+        reply = " ".join(c["reply"].split()).replace("|", "\\|")  # one table cell: a reply may hold newlines
+        lines.append(f"| {d['precision']} | {d['tokens_per_s']:.1f} | {reply} |")
     if results["failures"]:
         lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]
     lines += ["", f"Suite time: {suite_time(results)}. Full outputs: benchmarks/results.json."]
