@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import torch
 
+from .calibration import SEED_RANGE
 from .config import QwenConfig, is_int
 from .cpu import fast_bf16_matmul
 from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
@@ -382,7 +383,7 @@ def plan_totals(plan: QuantPlan) -> str:
 # a later rule knows the values; finite numbers with theirs; flags. tp and group_act_order may also be None.
 # (damp_percent, desc_act, static_groups and sym are QuantConfig's fields: its own rules check them.)
 WHOLE_ARGUMENTS = {"bits": None, "group_size": None, "tp": None, "nsamples": (1, math.inf), "seqlen": (1, math.inf),
-                   "seed": (0, 2**64 - 1), "refine_passes": (0, math.inf)}  # seed: what torch.Generator takes
+                   "seed": (SEED_RANGE[0], SEED_RANGE[1] - 1), "refine_passes": (0, math.inf)}
 NUMBER_ARGUMENTS = {"asym_calibration": (0, 1), "max_shard_bytes": (1, math.inf)}
 FLAG_ARGUMENTS = ("mse", "resume", "overwrite", "input_scaling", "progress", "group_act_order")
 OPTIONAL_ARGUMENTS = ("tp", "group_act_order")
