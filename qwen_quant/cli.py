@@ -7,6 +7,7 @@ import sys
 
 SUBCOMMANDS = ("eval", "memory", "plan", "demo")
 DEBUG_VARIABLE = "QWEN_QUANT_DEBUG"  # set to 1 for the traceback of an unexpected error
+DEFAULT_EVAL_DATASET = "wikitext2"  # eval's perplexity text when --dataset is not given (and --tasks is not)
 
 
 # argparse types: a value out of range is refused at parse time, with the option named by argparse.
@@ -43,6 +44,13 @@ def finite_float(least: float, most: float = math.inf, least_included: bool = Tr
             raise argparse.ArgumentTypeError(f"{text} must be a finite number {low}{high}")
         return value
     return parse
+
+
+def task_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give task names separated by commas, none of them empty")
+    return names
 
 
 def device_name(text: str) -> str:
@@ -117,16 +125,30 @@ def add_hub_argument(p: argparse.ArgumentParser) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
+    from .chat_check import DEFAULT_MAX_NEW_TOKENS
+
     p = argparse.ArgumentParser(prog="qwen-quantize eval", description="Perplexity of a full-precision or quantized "
                                 "model (GPTQ protocol: non-overlapping windows).")
     p.add_argument("model")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, a .txt file, or a .npy of token ids")
+    p.add_argument("--dataset", default=None, help=f"{DEFAULT_EVAL_DATASET} (the default, unless --tasks is given), "
+                   "a .txt file, or a .npy of token ids")
     p.add_argument("--seqlen", type=int_at_least(2), default=2048)
     p.add_argument("--stride", type=int_at_least(1), default=None,
                    help="sliding-window evaluation with this stride (at most --seqlen)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1)
     p.add_argument("--max-windows", type=int_at_least(1), default=None, help="evaluate only the first N windows")
     p.add_argument("--baseline", default=None, help="a full-precision model to compare with")
+    p.add_argument("--tasks", type=task_names, default=None, metavar="T1,T2",
+                   help="lm-evaluation-harness tasks (names, or task YAML files): a table of their metrics, after "
+                   "the perplexity when --dataset is given too (needs pip install \"qwen_quant[eval]\")")
+    p.add_argument("--limit", type=int_at_least(1), default=None, metavar="N", help="with --tasks: the first N "
+                   "documents of each task")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="with --tasks: a folder of local task YAML "
+                   "files (tests/harness_tasks holds WikiText-2 and ChatML ones)")
+    p.add_argument("--chat", action="store_true", help="instead of perplexity: greedy ChatML answers to short "
+                   "questions beside --baseline's, whether they agree and whether each ends its turn")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"with --chat: the token budget of each answer (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"))
     p.add_argument("--device", type=device_name, default=None)
     add_hub_argument(p)
@@ -181,6 +203,21 @@ def run_quantize(args) -> None:
 
 
 def run_eval(args) -> None:
+    if args.chat:
+        return run_chat_check(args)
+    manager = None
+    if args.tasks is not None:  # before any model loads: lm-evaluation-harness is installed and knows every task
+        from .harness import select_tasks, task_table
+
+        manager = select_tasks(args.tasks, args.include_path)
+    if manager is None or args.dataset is not None:
+        run_perplexity(args)
+    if manager is not None:
+        print(task_table(args.model, args.tasks, manager, limit=args.limit, baseline=args.baseline,
+                         backend=args.backend, device=args.device, batch_size=args.batch_size, hub=args.hub))
+
+
+def run_perplexity(args) -> None:
     from .checkpoint import resolve_model_path
     from .evaluate import load_eval_tokens, perplexity
     from .model import QwenForCausalLM
@@ -189,18 +226,31 @@ def run_eval(args) -> None:
     def ppl(name):
         folder = resolve_model_path(name, args.hub)
         model = QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
-        tokens = load_eval_tokens(args.dataset, load_tokenizer(folder))
+        tokens = load_eval_tokens(dataset, load_tokenizer(folder))
         return perplexity(model, tokens, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size,
                           max_windows=args.max_windows)
 
+    dataset = args.dataset or DEFAULT_EVAL_DATASET
     result = ppl(args.model)
-    print(f"{args.model}: perplexity {result.perplexity:.4f} on {args.dataset} ({result.targets} tokens predicted, "
+    print(f"{args.model}: perplexity {result.perplexity:.4f} on {dataset} ({result.targets} tokens predicted, "
           f"{result.windows} windows of {result.seqlen})")
     if args.baseline:
         base = ppl(args.baseline)
         print(f"{args.baseline}: perplexity {base.perplexity:.4f}")
         print(f"increase: {result.perplexity - base.perplexity:+.4f} "
               f"({100 * (result.perplexity / base.perplexity - 1):+.2f} %)")
+
+
+def run_chat_check(args) -> None:
+    from .chat_check import chat_tokenizer, compare, format_report
+    from .checkpoint import resolve_model_path
+    from .model import QwenForCausalLM
+
+    baseline, quantized = (resolve_model_path(name, args.hub) for name in (args.baseline, args.model))
+    tokenizer = chat_tokenizer(quantized)  # exports carry the tokenizer of the model they come from
+    models = [QwenForCausalLM.from_pretrained(folder, device=args.device, backend=args.backend)
+              for folder in (baseline, quantized)]
+    print(format_report(compare(*models, tokenizer, max_new_tokens=args.max_new_tokens)))
 
 
 def run_memory(args) -> None:
@@ -235,6 +285,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "stride", None) is not None and args.stride > args.seqlen:
         p.error(f"argument --stride: {args.stride} must be at most --seqlen ({args.seqlen})")
+    if getattr(args, "tasks", None) is None and (getattr(args, "limit", None) or getattr(args, "include_path", None)):
+        p.error("arguments --limit and --include-path go with --tasks")
+    if getattr(args, "tasks", None) is not None and args.chat:
+        p.error("argument --tasks: not with --chat (two evaluations: run them one at a time)")
+    if getattr(args, "chat", False) and args.baseline is None:
+        p.error("argument --chat: needs --baseline FULL_PRECISION, the model whose answers are compared with")
     try:
         run(args)
     except Exception as e:  # every failure becomes one line and exit code 2
