@@ -128,7 +128,8 @@ def eval_parser() -> argparse.ArgumentParser:
     from .chat_check import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(prog="qwen-quantize eval", description="Perplexity of a full-precision or quantized "
-                                "model (GPTQ protocol: non-overlapping windows).")
+                                "model (GPTQ protocol: non-overlapping windows), lm-evaluation-harness tasks (--tasks) "
+                                "or its chat answers beside the full-precision model's (--chat).")
     p.add_argument("model")
     p.add_argument("--dataset", default=None, help=f"{DEFAULT_EVAL_DATASET} (the default, unless --tasks is given), "
                    "a .txt file, or a .npy of token ids")
