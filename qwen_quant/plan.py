@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from .calibration import SEED_RANGE
-from .config import QwenConfig, is_int
+from .config import QwenConfig, is_int, is_number
 from .cpu import fast_bf16_matmul
 from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 from .layout import RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
@@ -402,7 +402,7 @@ def check_arguments(bits, group_size, method, **arguments) -> None:
         else:
             whole = name in WHOLE_ARGUMENTS
             least, most = (WHOLE_ARGUMENTS if whole else NUMBER_ARGUMENTS)[name] or (-math.inf, math.inf)
-            typed = is_int(value) or not whole and isinstance(value, float) and math.isfinite(value)
+            typed = is_int(value) if whole else is_number(value)  # config's rules: True is not 1, NaN no number
             valid = typed and least <= value <= most
             wanted = ("a whole number" if whole else "a finite number") + (
                 "" if least == -math.inf else f" >= {least}" if most == math.inf else f" in [{least}, {most}]")
