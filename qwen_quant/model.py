@@ -3,6 +3,7 @@
 One block: x = x + c_proj(attn(ln_1(x))); x = x + c_proj(w1(x) * silu(w2(x))) on ln_2(x) -- w2 is the gate.
 """
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -40,20 +41,33 @@ class Rope:
     sin: torch.Tensor
     logn: Optional[torch.Tensor]  # [T] fp32 query scale, or None when every factor is 1
     positions: torch.Tensor  # [T] absolute positions of the queries
-    use_cache: bool = False  # write keys/values into the preallocated cache and attend over it
+    mask: Optional[torch.Tensor] = None  # additive [T, keys]: 0 attends, -inf not; None: plain causal over T keys
+    use_cache: bool = False  # write keys/values into the preallocated cache at positions and attend over all of it
+
+    def at(self, positions: torch.Tensor, mask: torch.Tensor) -> "Rope":
+        """The rows of this table (made for positions 0, 1, ...) at `positions`, for a forward through the cache:
+        tensor indexing only, so a compiled decode step reads nothing on the host."""
+        logn = None if self.logn is None else self.logn[positions]
+        return Rope(self.cos[positions], self.sin[positions], logn, positions, mask, use_cache=True)
 
 
-def make_rope(config: QwenConfig, positions: torch.Tensor, alpha: float, use_cache: bool = False) -> Rope:
+def make_rope(config: QwenConfig, length: int, alpha: float, device=None, window_mask: bool = True) -> Rope:
+    """Rope for positions 0..length-1 with the dynamic-NTK factor alpha. logN scales are kept when a position passes
+    seq_length; the local window (if any) becomes a mask unless window_mask is False (a table for the cache, whose
+    mask is made per call)."""
     d = config.head_dim
+    positions = torch.arange(length, device=device)
     base = config.rotary_emb_base * alpha ** (d / (d - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
     angles = torch.outer(positions.float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     logn = None
-    if config.use_logn_attn and int(positions.max()) + 1 > config.seq_length:
+    if config.use_logn_attn and length > config.seq_length:
         n = positions.double() + 1
         logn = torch.where(n > config.seq_length, n.log() / math.log(config.seq_length), torch.ones_like(n)).float()
-    return Rope(angles.cos(), angles.sin(), logn, positions, use_cache)
+    window = config.local_window_size
+    mask = attention_mask(positions, length, window) if window is not None and window_mask else None
+    return Rope(angles.cos(), angles.sin(), logn, positions, mask)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -66,17 +80,20 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
+    """Keys and values of every position up to max_len, in a tensor of fixed shape: a step writes its positions with
+    index_copy_ and attends over the whole cache under a mask, so no step changes a shape (one compiled decode step,
+    one CUDA graph)."""
+
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
 
 
 def block_linear(config: QwenConfig, path: str) -> nn.Linear:
@@ -105,23 +122,24 @@ class Attention(nn.Module):
             q = (q.float() * rope.logn[:, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         if rope.use_cache:
-            k, v = self.cache.update(int(rope.positions[0]), k, v)
-        window = self.config.local_window_size
-        if window is None and (T == 1 or k.shape[2] == T):
-            # No past keys (plain causal), or one query at the end of the cache (sees every key): no mask needed.
+            k, v = self.cache.update(rope.positions, k, v)
+        if rope.mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(rope.positions, k.shape[2], window))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rope.mask.to(q.dtype))
         return y.transpose(1, 2).reshape(B, T, h)
 
 
-def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int]) -> torch.Tensor:
-    """Boolean [T, key_len] mask (True = attend): causal, optionally limited to the last `window` positions."""
+def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive [T, key_len] mask (0 = attend, -inf = not): causal, optionally limited to the last `window`
+    positions. Additive, not boolean: the CPU's bf16 attention kernel takes ten times longer with a boolean mask
+    (0.37 against 0.04 ms per decode step and layer on SmolLM2's shapes, measured)."""
     key_pos = torch.arange(key_len, device=query_pos.device)
-    mask = key_pos[None, :] <= query_pos[:, None]
+    attend = key_pos[None, :] <= query_pos[:, None]
     if window is not None:
-        mask &= key_pos[None, :] > query_pos[:, None] - window
-    return mask
+        attend &= key_pos[None, :] > query_pos[:, None] - window
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -205,6 +223,8 @@ class QwenForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.cache_len = 0  # max length of the preallocated KV cache; 0 = no cache
         self.cache_alpha = 1.0  # dynamic-NTK factor fixed at prefill for the cached keys
+        self.cache_rope: Optional[Rope] = None  # rope of the cache's positions 0..cache_len-1, made at setup_cache
+        self._compiled_step: Optional[Callable] = None  # compiled_decode_step's, made on first use
 
     @classmethod
     def from_pretrained(cls, path_or_name, dtype=None, device=None, backend: str = "auto",
@@ -224,24 +244,23 @@ class QwenForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
 
-    def rope_for(self, positions: torch.Tensor, alpha: Optional[float] = None, use_cache: bool = False) -> Rope:
-        if alpha is None:
-            alpha = self.alpha_for(int(positions[-1]) + 1)
-        return make_rope(self.config, positions, alpha, use_cache)
-
     def alpha_for(self, total_len: int) -> float:
         return ntk_alpha(total_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
 
     def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab_rows] as fp32 ([B, 1, vocab_rows] with last_only, all generation needs).
-        Without input_pos: a whole sequence from position 0, no cache."""
+        Without input_pos: a whole sequence from position 0, no cache. With input_pos ([T] positions, after
+        setup_cache): keys and values go into the cache there, and the queries attend over it; nothing in this path
+        reads a tensor on the host, so one decode step compiles whole (fullgraph) and captures as one CUDA graph."""
         if input_pos is None:
-            rope = self.rope_for(torch.arange(input_ids.shape[1], device=input_ids.device))
+            T = input_ids.shape[1]
+            rope = make_rope(self.config, T, self.alpha_for(T), device=input_ids.device)
         else:
             if not self.cache_len:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache first")
-            rope = self.rope_for(input_pos, self.cache_alpha, use_cache=True)
+            mask = attention_mask(input_pos, self.cache_len, self.config.local_window_size, self.dtype)
+            rope = self.cache_rope.at(input_pos, mask)
         x = self.transformer.wte(input_ids)
         for block in self.blocks:
             x = block(x, rope)
@@ -250,29 +269,40 @@ class QwenForCausalLM(nn.Module):
         return self.lm_head(self.transformer.ln_f(x)).float()
 
     def setup_cache(self, batch: int, max_len: int, prompt_len: int) -> None:
-        """Preallocate the KV cache and fix the dynamic-NTK factor from the prompt, as the original does."""
+        """Preallocate the KV cache (kept while it is large enough) and the rope table of its positions, with the
+        dynamic-NTK factor fixed from the prompt, as the original does."""
         self.cache_alpha = self.alpha_for(prompt_len)
-        if self.cache_len >= max_len and self.blocks[0].attn.cache.k.shape[0] == batch:
-            return
-        c = self.config
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch, c.num_attention_heads, max_len, c.head_dim, self.dtype, self.device)
-        self.cache_len = max_len
+        if not (self.cache_len >= max_len and self.blocks[0].attn.cache.k.shape[0] == batch):
+            c = self.config
+            for block in self.blocks:
+                block.attn.cache = KVCache(batch, c.num_attention_heads, max_len, c.head_dim, self.dtype, self.device)
+            self.cache_len = max_len
+        # logN scales are kept for every position (ones up to seq_length) so that the table's structure, and with
+        # it a compiled step, does not change with the cache's length.
+        table = make_rope(self.config, self.cache_len, self.cache_alpha, device=self.device, window_mask=False)
+        if self.config.use_logn_attn and table.logn is None:
+            table.logn = torch.ones(self.cache_len, device=self.device)
+        self.cache_rope = table
 
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.cache = None
         self.cache_len = 0
+        self.cache_rope = None
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, stop_ids: Sequence[int] = (), streamer: Optional[Callable] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                 compile: bool = False) -> torch.Tensor:
         """Prompt [B, T] (or [T]) -> prompt plus new tokens. Greedy when temperature is 0.
 
         Stops after max_new_tokens or when every row has produced one of stop_ids (the stop token is kept).
         `streamer(tokens)` is called with each new [B] tensor of tokens. use_cache=False recomputes the whole
-        sequence at every step (slow; for checking the cache).
+        sequence at every step (slow; for checking the cache). compile=True runs each step after the prompt through
+        one torch.compile'd decode step (decode_step): compiled on first use (seconds to a minute) and again when
+        the batch or the cache's length changes, since a step is specialised to the cache's shape (the cache is
+        then made in whole multiples of COMPILED_CACHE_STEP positions, so that most lengths share one step).
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
@@ -283,8 +313,11 @@ class QwenForCausalLM(nn.Module):
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         out = [ids]
+        if compile and not use_cache:
+            raise ValueError("generate(compile=True) compiles the cached decode step: it needs use_cache=True")
         if use_cache:
-            self.setup_cache(B, T + max_new_tokens, T)
+            self.setup_cache(B, cache_length(T + max_new_tokens, compile), T)
+            step_logits = self.compiled_decode_step() if compile else self.decode_step
             logits = self(ids, torch.arange(T, device=self.device), last_only=True)[:, -1]
         else:
             logits = self(ids, last_only=True)[:, -1]
@@ -298,10 +331,33 @@ class QwenForCausalLM(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if use_cache:
-                logits = self(token[:, None], torch.tensor([T + step], device=self.device))[:, -1]
+                logits = step_logits(token[:, None], torch.tensor([T + step], device=self.device))
             else:
                 logits = self(torch.cat(out, dim=1), last_only=True)[:, -1]
         return torch.cat(out, dim=1)
+
+    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One step through the cache: tokens [B, 1] at position input_pos [1] -> next-token logits [B, vocab_rows]."""
+        return self(token, input_pos)[:, -1]
+
+    def compiled_decode_step(self) -> Callable:
+        """decode_step compiled whole (fullgraph: a host read in the cached forward is an error, not a silent graph
+        break). On CUDA mode "reduce-overhead" records the step as a CUDA graph, launching every kernel of a step at
+        once; on the CPU the default mode fuses the elementwise work between the matmuls. A step is compiled for the
+        cache's shape and the blocks' structure (blocks_signature), once each."""
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            # Rounded as eager rounds (each bf16 / fp16 op's result), so that compiled and eager decoding pick the
+            # same tokens; fused kernels would otherwise keep fp32 between ops.
+            options = {"emulate_precision_casts": True}
+            if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guard filters came with torch 2.8
+                options["guard_filter_fn"] = guards_outside_the_blocks
+            # A copy of the function's code for each model: torch.compile keeps its compiled steps, and its limit of
+            # eight, per code object, so models in one process do not share (and exhaust) one list.
+            own_code = types.FunctionType(signed_decode_step.__code__.replace(), signed_decode_step.__globals__)
+            self._compiled_step = torch.compile(own_code, fullgraph=True, dynamic=False, mode=mode, options=options)
+        signature = blocks_signature(self.blocks)
+        return lambda token, input_pos: self._compiled_step(self, token, input_pos, signature)
 
     def sample(self, logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -324,7 +380,8 @@ class QwenForCausalLM(nn.Module):
     def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
              max_new_tokens: int = 512, **sampling):
         """One ChatML turn: returns (reply, history + [(query, reply)]). Stops at the tokenizer's stop ids
-        (<|im_end|>, <|endoftext|>). `system=None` leaves the system turn out."""
+        (<|im_end|>, <|endoftext|>). `system=None` leaves the system turn out. `sampling` goes to generate
+        (temperature, top_k, top_p, generator, compile)."""
         from .tokenizer import build_chat_input
 
         history = list(history or [])
@@ -334,6 +391,45 @@ class QwenForCausalLM(nn.Module):
         new = [t for t in new if t not in tokenizer.stop_ids]
         reply = tokenizer.decode(new)
         return reply, history + [(query, reply)]
+
+
+COMPILED_CACHE_STEP = 256
+
+
+def cache_length(tokens: int, compiled: bool) -> int:
+    """The KV cache's length for prompt + new tokens: exact when eager, rounded up for a compiled step."""
+    return -(-tokens // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP if compiled else tokens
+
+
+def blocks_signature(blocks: nn.Module) -> int:
+    """A hash of what a compiled decode step assumes about the blocks: every module's type and plain attributes
+    (QuantLinear's bits, sizes, kernel group; the heads), every tensor's shape, strides, dtype and device."""
+    plain = (int, float, str, bool, type(None))
+    modules = tuple((name, type(m).__qualname__, tuple(item for item in sorted(vars(m).items())
+                                                       if isinstance(item[1], plain)))
+                    for name, m in blocks.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.stride(), t.dtype, t.device)
+                    for name, t in (*blocks.named_parameters(), *blocks.named_buffers()))
+    return hash((modules, tensors))
+
+
+def guards_outside_the_blocks(entries) -> list:
+    """torch.compile's guard filter for signed_decode_step: every guard except those on the blocks' modules and
+    tensors; the KV caches inside the blocks stay guarded (a new batch or length compiles a new step)."""
+    inside = f"_modules['{BLOCKS.rsplit('.', 1)[-1]}']._modules["
+    return [inside not in entry.name or "cache" in entry.name for entry in entries]
+
+
+def signed_decode_step(model: "QwenForCausalLM", token: torch.Tensor, input_pos: torch.Tensor,
+                       signature: int) -> torch.Tensor:
+    """model.decode_step, as compiled_decode_step compiles it. guards_outside_the_blocks leaves out torch.compile's
+    own guards on the blocks (about 4,000 on a 30-block model: 1.2 ms of checks a step on a 2-core CPU, an eighth of
+    a step); the blocks' signature, computed once per generate call, stands for them: reading the int makes it a
+    guard (with dynamic=False an int that the traced code reads is a constant of the graph, checked on each call),
+    so blocks that differ from the traced ones get a step of their own instead of a wrong one."""
+    if signature is None:
+        raise ValueError("signed_decode_step needs the blocks' signature (blocks_signature)")
+    return model.decode_step(token, input_pos)
 
 
 def load_model(path_or_name, dtype=None, device=None, backend: str = "auto",

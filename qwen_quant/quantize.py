@@ -175,8 +175,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             (hidden, tokens_digest), key = read_keyed(reader, key, lambda: embed_calibration(
                 folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device))
             report.calibration_s = time.perf_counter() - calibration_start
-            rope = make_rope(config, torch.arange(seqlen, device=device), ntk_alpha(seqlen, config.seq_length)
-                             if config.use_dynamic_ntk else 1.0)
+            rope = make_rope(config, seqlen, ntk_alpha(seqlen, config.seq_length) if config.use_dynamic_ntk else 1.0,
+                             device=device)
         # The full-precision model's activations, for asymmetric calibration.
         fp_hidden = hidden.clone() if hidden is not None and asym_calibration else None
         # Resume is keyed by content, not paths: the calibration tokens and the weights' layout here; each block's
