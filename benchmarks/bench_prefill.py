@@ -21,6 +21,7 @@ from bench_decode import PRECISIONS, make_checkpoint
 from common import add_common_args, machine, machine_line, table, write_json
 from qwen_quant import QwenForCausalLM
 from qwen_quant.published import SIZES
+from qwen_quant.qlinear import QuantLinear, cpu_prefill_route, cpu_prefill_rows
 
 SHAPE = "1.8B"
 PROMPTS = (64, 512)
@@ -32,6 +33,19 @@ def first_token_seconds(model: QwenForCausalLM, prompt: torch.Tensor) -> float:
     seconds = time.perf_counter() - start
     assert out.shape[1] == prompt.shape[1] + 1
     return seconds
+
+
+def prefill_route(model: QwenForCausalLM, tokens: int) -> str:
+    """How a prompt of `tokens` tokens runs the model's linears: dense, a backend's kernels, or the cpu backend's
+    tiles (and from how many rows this process measured that they win)."""
+    linear = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    if linear is None:
+        return "dense"
+    if linear.backend != "cpu":
+        return linear.backend
+    dtype = cpu_prefill_route(linear, tokens)
+    start = f"tiles from {cpu_prefill_rows(linear):.0f} rows"
+    return f"{str(dtype).removeprefix('torch.')} tiles ({start})" if dtype else f"kernel ({start})"
 
 
 def main() -> None:
@@ -67,9 +81,11 @@ def main() -> None:
             median = statistics.median(times[T, precision])
             rows.append({"prompt_tokens": T, "precision": precision,
                          "backend": next((m.backend for m in model.modules() if hasattr(m, "backend")), "dense"),
+                         "route": prefill_route(model, T),
                          "median_s": median, "min_s": min(times[T, precision]),
                          "prefill_tokens_per_s": T / median, "speed_vs_bf16": base / median})
     print(table(rows, [("prompt_tokens", "prompt", "d"), ("precision", "precision", ""), ("backend", "backend", ""),
+                       ("route", "route", ""),
                        ("median_s", "first token s", ".3f"), ("min_s", "min s", ".3f"),
                        ("prefill_tokens_per_s", "prompt tok/s", ".1f"), ("speed_vs_bf16", "vs bf16", ".2f")]))
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)

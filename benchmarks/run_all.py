@@ -25,7 +25,7 @@ from qwen_quant.memory import published_table  # noqa: E402
 
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 # Each timing benchmark runs as its own script at CI size; its JSON is gathered here.
-TIMED = [("kernels", ["bench_kernels.py", "--quick"]), ("decode", ["bench_decode.py", "--quick"]),
+TIMED = [("kernels", ["bench_kernels.py", "--quick"]), ("decode", ["bench_decode.py", "--quick", "--compile"]),
          ("prefill", ["bench_prefill.py", "--quick"]), ("quantize", ["bench_quantize.py", "--quick"])]
 
 
@@ -54,10 +54,12 @@ def markdown(results: dict) -> str:
                      f"{c['ours_gib'] - c['published_gib']:+.2f} |")
     d = results["decode"]
     lines += ["", f"**Decoding on this CPU** (Qwen-{d['shape']} shapes, {d['layers']} blocks, {d['tokens']} tokens):",
-              "", "| precision | backend | tokens/s | vs bf16 | tensors GiB |", "|---|---|---|---|---|"]
+              "", "| precision | mode | backend | tokens/s | vs bf16 eager | compiled / eager | tensors GiB |",
+              "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        lines.append(f"| {r['precision']} | {r['backend']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['loaded_gib']:.3f} |")
+        gain = f"{r['compiled_vs_eager']:.2f}x" if r.get("compiled_vs_eager") else "-"
+        lines.append(f"| {r['precision']} | {r['mode']} | {r['backend']} | {r['tokens_per_s']:.2f} | "
+                     f"{r['vs_bf16_eager']:.2f}x | {gain} | {r['loaded_gib']:.3f} |")
     p = results["prefill"]
     lines += ["", f"**Prompt processing on this CPU** (Qwen-{p['shape']} shapes, {p['layers']} blocks, first token, "
               f"models in turns, median of {p['rounds']} rounds):", "",

@@ -4,23 +4,37 @@ W[n, k] = (q[k, n] - z[k // group_size, n]) * s[k // group_size, n]. The input d
 order (QuantLinear sorts act-order weights once at load time), so scales are found by k // group_size and never
 gathered through g_idx.
 
-Weight layout, prepared once at load time:
-- qweight int32 [K * bits / 32, N]: GPTQ's own layout, 32 / bits codes of consecutive k per word, least significant
-  first. Neighbouring threads read neighbouring n, so tile loads are coalesced.
+Weight layout, GPTQ's own (no repacking at load, so the torch backend shares the tensors):
+- qweight int32 [K * bits / 32, N]: 32 / bits codes of consecutive k per word, least significant first. A tile of
+  words [BLOCK_K * bits / 32, BLOCK_N] is loaded once, 16 bytes (4 neighbouring columns) per thread and coalesced
+  across the warp, with evict_first (weights are read once per call; activations get evict_last).
 - scales [G, N], any float dtype (QuantLinear keeps the activation dtype).
 - zeros [G, N], a float tensor of integer zero points, or None for symmetric weights: the zero is then the constant
   2^(bits-1), so symmetric checkpoints (all of Qwen's published Int4 / Int8 ones) read no zeros at all.
 
-One kernel serves both regimes, with the block shapes chosen by `choose_config` (a heuristic, not autotuning):
-- decode (M <= 16) is memory bound: a program loads each [block_k * bits / 32, block_n] tile of words once and uses
-  its 32 / bits codes as interleaved row slices (rows j, j + 32 / bits, ...) against the matching strided columns
-  of x. K is split across programs (atomic fp32 adds) so that every SM has work even when N gives few column tiles.
-- prefill tiles M as well and feeds [block_k, block_n] dequantized tiles to tl.dot; the 32 / bits rows sharing a
-  word read it again from L1.
+Unpacking without gathers: the words tile becomes codes [words, 32 / bits, BLOCK_N] by broadcasting shifts in
+registers; element [r, j, n] is row k0 + r * 32 / bits + j, so the codes are already in row order. x for the tile is
+then one contiguous [words, 32 / bits] block (loaded once, no strided gathers), and a row-major reshape to
+[BLOCK_K, BLOCK_N] is the tl.dot operand in row order.
+- GEMV (block_m 1, decode of one row): products are summed over each word's codes in registers and kept in a
+  [words, BLOCK_N] accumulator; the one cross-thread reduction happens after the K loop.
+- block_m >= 16 (decode of up to 16 rows, prompts of up to 64): tl.dot tiles.
 When a K tile lies inside one group, the tile holds the exact integers q - z and the group's scales multiply the
-[block_m, block_n] product once: fewer operations per weight than scaling each element, and no rounding of the weight
-in a fp16 / bf16 dot (|q - z| <= 256 is exact in both).
+reduced product once (|q - z| <= 256 is exact in fp16 / bf16 dots); otherwise each element is scaled by its group.
+
+Split-K (decode buckets): programs splitting K add their partial sums into a per-device fp32 workspace with relaxed
+atomics; the last program of each output tile to arrive (an acq_rel counter) reads the sums back with atomic
+exchanges that reset them to zero, adds the bias and writes the output in its final dtype. One launch per call, no
+memset and no cast kernel; the workspace is allocated once and left zeroed by every call.
+
+Long prompts (route "dense"): one Triton kernel dequantizes the layer into a scratch of the activation dtype, cached
+per device and dtype and shared by every layer (calls on a stream run one after another), and torch's dense matmul
+(cuBLAS) multiplies.
+
+The matmul is the torch custom op qwen_quant::gptq_matmul, so torch.compile and CUDA graphs capture it (see
+gptq_matmul_op). On CPU tensors this runs only under TRITON_INTERPRET=1.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,57 +42,70 @@ import torch
 import triton
 import triton.language as tl
 
-DECODE_MAX_M = 16
+from .configs import (M_BUCKETS, ROUTES, SPLIT_K_MAX_M, MatmulConfig, choose_config, config_problems,
+                      fused_prefill_config, m_bucket, split_k_workspace_sizes)
+
 SUPPORTED_BITS = (4, 8)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _accumulate(acc, q, k, k0, x_ptr, offs_m, m_mask, stride_xm, K, scales_ptr, zeros_ptr, offs_n, n_mask, stride_g,
-                group_size, BITS: tl.constexpr, SYM: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + x[:, k] @ W[k, :] for the weight rows k [R] whose codes are q [R, BLOCK_N] (int).
-
-    TILE_IN_GROUP (all rows k lie in the group of row k0): the product uses the exact integers q - z and the group's
-    scales multiply it once. Otherwise each element is scaled before the product."""
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
-    q = q.to(tl.float32)
+def _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, K, offs_n, n_mask, stride_qk, stride_g, group_size,
+                 BITS: tl.constexpr, SYM: tl.constexpr, TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows k0 .. k0 + BLOCK_K of the weight, fp32 [BLOCK_K / PER_WORD, PER_WORD, BLOCK_N]: element [r, j, n] is
+    row k0 + r * PER_WORD + j. Holds q - z when TILE_IN_GROUP (the caller scales the reduced product), else
+    (q - z) * s. Rows past K read as zero codes."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    word_rows = k0 // PER_WORD + tl.arange(0, WORDS)
+    words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                    mask=(word_rows < K // PER_WORD)[:, None] & n_mask[None, :], other=0,
+                    eviction_policy="evict_first")
+    shifts = tl.arange(0, PER_WORD) * BITS
+    # A code c ORed into the mantissa of 2^23 is the float 2^23 + c: no int-to-float conversion (a quarter-rate
+    # instruction), and subtracting 2^23 + z gives c - z exactly.
+    q = (((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32,
+                                                                                            bitcast=True)
     if TILE_IN_GROUP:
-        group_offs = (k0 // group_size) * stride_g + offs_n
         if SYM:
-            w = q - (1 << (BITS - 1))
+            w = q - (8388608.0 + (1 << (BITS - 1)))
         else:
-            w = q - tl.load(zeros_ptr + group_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(zeros_ptr + (k0 // group_size) * stride_g + offs_n, mask=n_mask, other=0.0)
+            w = q - (z.to(tl.float32) + 8388608.0)[None, None, :]
     else:
-        group_offs = (k // group_size)[:, None] * stride_g + offs_n[None, :]
-        mask = (k < K)[:, None] & n_mask[None, :]
-        s = tl.load(scales_ptr + group_offs, mask=mask, other=0.0).to(tl.float32)
+        k = word_rows[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]
+        offs = (k // group_size)[:, :, None] * stride_g + offs_n[None, None, :]
+        mask = (k < K)[:, :, None] & n_mask[None, None, :]
+        s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if SYM:
-            w = (q - (1 << (BITS - 1))) * s
+            w = (q - (8388608.0 + (1 << (BITS - 1)))) * s
         else:
-            w = (q - tl.load(zeros_ptr + group_offs, mask=mask, other=0.0).to(tl.float32)) * s
-    if BLOCK_M == 1:
-        # A matrix-vector product: a dot would waste a tile of padded rows, plain fp32 FMAs suffice.
-        part = tl.sum(tl.trans(x.to(tl.float32)) * w, axis=0, keep_dims=True)
-    elif DOT_DTYPE == tl.float32:
-        part = tl.dot(x.to(tl.float32), w, input_precision="ieee")
-    else:
-        part = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
-    if TILE_IN_GROUP:
-        part *= tl.load(scales_ptr + group_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    return acc + part
+            w = (q - (tl.load(zeros_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 8388608.0)) * s
+    return w
 
 
 @triton.jit
-def _gptq_matmul_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-                        M, N, K, k_per_split, group_size,
-                        stride_xm, stride_qk, stride_g, stride_om,
-                        BITS: tl.constexpr, SYM: tl.constexpr, TILE_IN_GROUP: tl.constexpr, SPLIT_WORDS: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ATOMIC_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _group_scales(scales_ptr, k0, group_size, stride_g, offs_n, n_mask):
+    return tl.load(scales_ptr + (k0 // group_size) * stride_g + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, out_mask, n_mask, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+@triton.jit
+def _gptq_matmul_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+                        M, N, K, k_per_split, split_k, group_size, stride_xm, stride_qk, stride_g, stride_om,
+                        BITS: tl.constexpr, SYM: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
     # Tiles are visited GROUP_M rows of M-tiles at a time so that concurrent programs share weight tiles in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -95,141 +122,259 @@ def _gptq_matmul_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out
 
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if SPLIT_WORDS:
-            # Decode: load each packed word once and take its PER_WORD codes as PER_WORD interleaved row slices
-            # (rows j, j + PER_WORD, ...), each multiplied with the matching strided columns of x.
-            rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-            words = tl.load(qweight_ptr + rows[:, None] * stride_qk + offs_n[None, :],
-                            mask=(rows * PER_WORD < K)[:, None] & n_mask[None, :], other=0)
-            for j in tl.static_range(PER_WORD):
-                acc = _accumulate(acc, (words >> (j * BITS)) & CODE_MASK, rows * PER_WORD + j, k0,
-                                  x_ptr, offs_m, m_mask, stride_xm, K, scales_ptr, zeros_ptr, offs_n, n_mask,
-                                  stride_g, group_size, BITS, SYM, TILE_IN_GROUP, BLOCK_M, DOT_DTYPE)
-        else:
-            # Prefill: a [BLOCK_K, BLOCK_N] tile for tl.dot; the PER_WORD rows sharing a word read it from L1.
-            k = k0 + tl.arange(0, BLOCK_K)
-            words = tl.load(qweight_ptr + (k // PER_WORD)[:, None] * stride_qk + offs_n[None, :],
-                            mask=(k < K)[:, None] & n_mask[None, :], other=0)
-            acc = _accumulate(acc, (words >> ((k % PER_WORD) * BITS)[:, None]) & CODE_MASK, k, k0,
-                              x_ptr, offs_m, m_mask, stride_xm, K, scales_ptr, zeros_ptr, offs_n, n_mask,
-                              stride_g, group_size, BITS, SYM, TILE_IN_GROUP, BLOCK_M, DOT_DTYPE)
-
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC_OUT:
-        tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)
+    if BLOCK_M == 1:
+        # GEMV: per-word sums stay in a [WORDS, BLOCK_N] accumulator; it is reduced across threads once, after the loop.
+        acc_words = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        x_row = x_ptr + pid_m * stride_xm
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w = _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, K, offs_n, n_mask, stride_qk, stride_g, group_size,
+                         BITS, SYM, TILE_IN_GROUP, BLOCK_K)
+        if BLOCK_M == 1:
+            # x of the tile as one contiguous [WORDS, PER_WORD] block, in the codes' row order.
+            k = k0 + tl.arange(0, WORDS)[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]
+            x = tl.load(x_row + k, mask=(k < K) & m_mask[:, None], other=0.0, eviction_policy="evict_last")
+            part = tl.sum(w * x.to(tl.float32)[:, :, None], axis=1)  # over each word's codes, in registers
+            if TILE_IN_GROUP:
+                part *= _group_scales(scales_ptr, k0, group_size, stride_g, offs_n, n_mask)[None, :]
+            acc_words += part
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
+                        other=0.0, eviction_policy="evict_last")
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N))
+            if DOT_DTYPE == tl.float32:
+                part = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            else:
+                part = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
+            if TILE_IN_GROUP:
+                part *= _group_scales(scales_ptr, k0, group_size, stride_g, offs_n, n_mask)[None, :]
+            acc += part
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_words, axis=0)[None, :]
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        partial_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(partial_ptr + partial_offs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds come before this program's arrival is released
+        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel")
+        if arrived == split_k - 1:  # the last program of this tile: read the sums back, leaving zeros
+            # Exchanged as int32 bits: the same 32-bit atomic, and the one width the interpreter exchanges.
+            bits_ptr = partial_ptr.to(tl.pointer_type(tl.int32)) + partial_offs
+            acc = tl.atomic_xchg(bits_ptr, tl.zeros_like(acc).to(tl.int32), mask=out_mask, sem="relaxed")
+            acc = tl.where(out_mask, acc.to(tl.float32, bitcast=True), 0.0)  # masked lanes return no value
+            _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, out_mask, n_mask, stride_om, HAS_BIAS)
+            tl.store(arrivals_ptr + pid, 0)  # ready for the next call
+    else:
+        _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, out_mask, n_mask, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size, stride_qk, stride_g, stride_ok,
+                       BITS: tl.constexpr, SYM: tl.constexpr, TILE_IN_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """out [K, N] = W^T in out's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w = _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, K, offs_n, n_mask, stride_qk, stride_g, group_size,
+                     BITS, SYM, TILE_IN_GROUP, BLOCK_K)
+    if TILE_IN_GROUP:
+        w *= _group_scales(scales_ptr, k0, group_size, stride_g, offs_n, n_mask)[None, None, :]
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + k[:, None] * stride_ok + offs_n[None, :],
+             tl.reshape(w, (BLOCK_K, BLOCK_N)).to(out_ptr.dtype.element_ty), mask=(k < K)[:, None] & n_mask[None, :])
+
+
+# Split-K workspace per device: fp32 partial sums [SPLIT_K_MAX_M * N] and int32 arrival counters, zero between calls.
+# Allocated while layers are built, never inside a CUDA graph capture; a workspace replaced by a larger one is kept
+# alive, since graphs captured earlier still point at it.
+_WORKSPACES: dict = {}
+_RETIRED_WORKSPACES: list = []
+
+def split_k_workspace(device: torch.device, N: int) -> tuple:
+    """(partials, arrivals) on `device` for layers up to N outputs wide."""
+    workspace = _WORKSPACES.get(device)
+    if workspace is None or workspace[0].numel() < SPLIT_K_MAX_M * N:
+        if workspace is not None:
+            _RETIRED_WORKSPACES.append(workspace)
+        partials, arrivals = split_k_workspace_sizes(N)
+        workspace = (torch.zeros(partials, dtype=torch.float32, device=device),
+                     torch.zeros(arrivals, dtype=torch.int32, device=device))
+        _WORKSPACES[device] = workspace
+    return workspace
+
+
+_SCRATCH: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def dequantize_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Optional[torch.Tensor]:
+    """A flat scratch of at least `numel` elements shared by every layer of this device and dtype (made at the first
+    long prompt, so decode-only runs never hold it); None during a CUDA graph capture when it would have to be made
+    or grown then (an allocation there would belong to the graph's memory pool)."""
+    scratch = _SCRATCH.get((device, dtype))
+    if scratch is None or scratch.numel() < numel:
+        if _capturing(device):
+            return None
+        _SCRATCH.pop((device, dtype), None)  # freed before its successor is made
+        scratch = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return scratch[:numel]
 
 
 @dataclass(frozen=True)
-class MatmulConfig:
-    """Launch shape of `_gptq_matmul_kernel`. Block sizes are powers of two; split_k > 1 splits K across programs;
-    split_words selects the decode loop (each packed word loaded once, block_k a multiple of 32 / bits)."""
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    split_words: bool = False
-    num_warps: int = 4
-    num_stages: int = 2
-    group_m: int = 8
+class Launch:
+    """One prepared way to call the matmul for a layer and an M bucket: everything but M decided at load time."""
+    config: MatmulConfig
+    bits: int
+    group: int  # rows per group (K for one group per channel)
+    K: int
+    N: int
+    tile_in_group: bool  # every K tile lies inside one group
+    k_per_split: int
+    tiles_n: int
+
+    @classmethod
+    def prepare(cls, config: MatmulConfig, bits: int, group: int, K: int, N: int) -> "Launch":
+        block_k = config.block_k
+        return cls(config, bits, group, K, N, tile_in_group=group >= K or group % block_k == 0,
+                   k_per_split=triton.cdiv(triton.cdiv(K, block_k), config.split_k) * block_k,
+                   tiles_n=triton.cdiv(N, config.block_n))
+
+    def op_config(self) -> list:
+        """The config as the custom op's ints: MatmulConfig's fields in order, the route as its index in ROUTES."""
+        route, *rest = dataclasses.astuple(self.config)
+        return [ROUTES.index(route), *rest]
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _dequantize_into(scratch, launch, qweight, scales, zeros) -> torch.Tensor:
+    c = launch.config
+    weight = scratch.view(launch.K, launch.N)
+    grid = (triton.cdiv(launch.K, c.block_k), launch.tiles_n)
+    _dequantize_kernel[grid](
+        qweight, scales, zeros if zeros is not None else scales, weight, launch.N, launch.K, launch.group,
+        qweight.stride(0), scales.stride(0), weight.stride(0),
+        BITS=launch.bits, SYM=zeros is None, TILE_IN_GROUP=launch.tile_in_group, BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, num_warps=c.num_warps)
+    return weight
 
 
-def _block_k_for_groups(group: int, K: int, cap: int) -> int:
-    """The largest power of two <= cap whose tiles never straddle a group, or cap when no useful one exists."""
-    if group >= K:
-        return cap
-    aligned = group & -group  # largest power of two dividing group
-    return min(aligned, cap) if aligned >= 16 else cap
+def run(launch: Launch, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] (inner dimension contiguous) times the layer's weight -> [M, N] in x.dtype. No checks: the caller
+    (QuantLinear, gptq_matmul) has validated the tensors once."""
+    c = launch.config
+    M = x.shape[0]
+    if c.route == "dense":
+        scratch = dequantize_scratch(x.device, x.dtype, launch.K * launch.N)
+        if scratch is not None:
+            weight = _dequantize_into(scratch, launch, qweight, scales, zeros)
+            if bias is None:
+                return torch.mm(x, weight)
+            return torch.addmm(bias, x, weight) if bias.dtype == x.dtype else torch.mm(x, weight).add_(bias)
+        # Under a CUDA graph capture with no scratch yet: the fused kernel, which needs none.
+        launch = Launch.prepare(fused_prefill_config(launch.K, launch.group, launch.bits), launch.bits, launch.group,
+                                launch.K, launch.N)
+        c = launch.config
+    split = c.split_k > 1
+    partials, arrivals = split_k_workspace(x.device, launch.N) if split else (x, x)
+    out = torch.empty(M, launch.N, device=x.device, dtype=x.dtype)
+    # The interpreter computes bf16 arithmetic wrongly, so on the CPU the dot runs in fp32.
+    dot_dtype = _TL_DTYPES[x.dtype] if x.device.type == "cuda" else tl.float32
+    grid = (triton.cdiv(M, c.block_m) * launch.tiles_n, c.split_k)
+    _gptq_matmul_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        partials, arrivals, M, launch.N, launch.K, launch.k_per_split, c.split_k, launch.group,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        BITS=launch.bits, SYM=zeros is None, TILE_IN_GROUP=launch.tile_in_group, HAS_BIAS=bias is not None,
+        SPLIT=split, DOT_DTYPE=dot_dtype, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
 
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-def choose_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> MatmulConfig:
-    """Block shapes from a small heuristic in (M, N, K) instead of autotuning (which the interpreter cannot run)."""
-    decode = M <= DECODE_MAX_M
+def device_config_source(device: torch.device) -> tuple:
+    """(gpu name, SM count) for the config table on a CUDA device; (None, None) for the interpreter."""
     if device.type != "cuda":
-        # Triton's CPU interpreter runs each program as numpy calls: few, large programs are fastest.
-        return MatmulConfig(block_m=1 if M == 1 else min(64, _pow2_at_least(M)),
-                            block_n=min(256, _pow2_at_least(N)),
-                            block_k=_block_k_for_groups(group, K, 256), split_words=decode)
-    if decode:
-        # Each of the 32 / bits interleaved row slices of a K tile feeds a dot of depth >= 16 (tl.dot's minimum).
-        block_n, block_k = 64, 16 * (32 // bits)
-        tiles_n, tiles_k = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-        # Memory bound: split K until there are a few programs per SM, keeping >= 2 K tiles per program.
-        split_k, target = 1, 4 * _sm_count(device)
-        while tiles_n * split_k < target and tiles_k >= 4 * split_k:
-            split_k *= 2
-        return MatmulConfig(block_m=1 if M == 1 else 16, block_n=block_n, block_k=block_k, split_k=split_k,
-                            split_words=True)
-    block_m = 64 if M <= 64 else 128
-    return MatmulConfig(block_m=block_m, block_n=128, block_k=_block_k_for_groups(group, K, 64),
-                        num_warps=4 if block_m == 64 else 8, num_stages=3)
+        return None, None
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def prepare_launches(bits: int, group: int, K: int, N: int, device: torch.device) -> dict:
+    """{M bucket: Launch} for a layer: the table's configs for this GPU, else the heuristic's. Also makes the
+    device's split-K workspace now, at load, so that no call allocates it (or does so inside a graph capture)."""
+    gpu, sm_count = device_config_source(device)
+    launches = {}
+    for bucket in M_BUCKETS:
+        config = choose_config(bucket, N, K, group, bits, gpu, sm_count)
+        launches[bucket] = Launch.prepare(config, bits, group, K, N)
+        if config.split_k > 1:
+            split_k_workspace(device, N)
+    return launches
+
+
+def launch_for(launches: dict, M: int) -> Launch:
+    return launches[m_bucket(M)]
+
+
+def check_inputs(x, qweight, scales, zeros, bias, bits: int, group_size: int) -> int:
+    """Validate one call's tensors; returns the rows per group."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"gptq_matmul supports bits {SUPPORTED_BITS}, got {bits}")
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"gptq_matmul needs fp16, bf16 or fp32 activations, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"gptq_matmul needs x of shape [M, K], got {list(x.shape)}")
+    M, K = x.shape
+    N = qweight.shape[1]
+    group = K if group_size == -1 else group_size
+    groups = triton.cdiv(K, group)
+    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != K * bits or not qweight.is_contiguous():
+        raise ValueError(f"qweight must be contiguous int32 [{K * bits // 32}, {N}], got {qweight.dtype} "
+                         f"{list(qweight.shape)}")
+    for label, t, shape in (("scales", scales, (groups, N)), ("zeros", zeros, (groups, N)), ("bias", bias, (N,))):
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{label} must be contiguous {list(shape)}, got {list(t.shape)}")
+    return group
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None, *, bits: int, group_size: int,
                 config: Optional[MatmulConfig] = None) -> torch.Tensor:
-    """x [M, K] (fp16 / bf16 / fp32) times the GPTQ weight described in the module docstring -> [M, N] in x.dtype.
+    """x [M, K] (fp16 / bf16 / fp32) times the GPTQ weight described in the module docstring -> [M, N] in x.dtype,
+    with every input checked (QuantLinear checks once at load and calls `run` with prepared launches instead).
 
-    group_size -1 means one group per output channel (G = 1). `config` overrides the heuristic (tests, benchmarks).
-    On CPU tensors this runs only under TRITON_INTERPRET=1."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"gptq_matmul supports bits {SUPPORTED_BITS}, got {bits}")
-    if x.dtype not in _TL_DTYPES:
-        raise TypeError(f"gptq_matmul needs fp16, bf16 or fp32 activations, got {x.dtype}")
+    group_size -1 means one group per output channel (G = 1). `config` overrides the table and heuristic (tests,
+    benchmarks, autotune)."""
+    group = check_inputs(x, qweight, scales, zeros, bias, bits, group_size)
     M, K = x.shape
     N = qweight.shape[1]
-    group = K if group_size == -1 else group_size
-    groups = triton.cdiv(K, group)
-    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != K * bits:
-        raise ValueError(f"qweight must be int32 [{K * bits // 32}, {N}], got {qweight.dtype} {list(qweight.shape)}")
-    for label, t in (("scales", scales), ("zeros", zeros)):
-        if t is not None and (t.shape != (groups, N) or not t.is_contiguous()):
-            raise ValueError(f"{label} must be contiguous [{groups}, {N}], got {list(t.shape)}")
-    x = x.contiguous()
-    qweight = qweight.contiguous()
+    if config is None:
+        config = choose_config(m_bucket(M), N, K, group, bits, *device_config_source(x.device))
+    problems = config_problems(config, bits)
+    if config.split_k > 1 and M > SPLIT_K_MAX_M:
+        problems.append(f"split_k={config.split_k} needs M <= {SPLIT_K_MAX_M} rows, got {M}")
+    if problems:
+        raise ValueError(f"gptq_matmul config {config}: " + "; ".join(problems))
+    return run(Launch.prepare(config, bits, group, K, N), x.contiguous(), qweight, scales, zeros, bias)
 
-    cfg = config or choose_config(M, N, K, group, bits, x.device)
-    block_k = cfg.block_k
-    if cfg.split_words and block_k % (32 // bits):
-        raise ValueError(f"split_words needs block_k to be a multiple of {32 // bits} for {bits} bits")
-    k_per_split = triton.cdiv(triton.cdiv(K, block_k), cfg.split_k) * block_k
-    atomic_out = cfg.split_k > 1
-    if atomic_out:
-        # Split-K partial sums meet in an fp32 buffer that starts as the bias.
-        out = (bias.to(torch.float32).expand(M, N).contiguous() if bias is not None
-               else torch.zeros(M, N, device=x.device, dtype=torch.float32))
-    else:
-        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    # The interpreter computes bf16 arithmetic wrongly, so on CPU the dot runs in fp32.
-    dot_dtype = tl.float32 if x.device.type != "cuda" else _TL_DTYPES[x.dtype]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _gptq_matmul_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        M, N, K, k_per_split, group,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, SYM=zeros is None, TILE_IN_GROUP=groups == 1 or group % block_k == 0, SPLIT_WORDS=cfg.split_words,
-        HAS_BIAS=bias is not None and not atomic_out, ATOMIC_OUT=atomic_out, DOT_DTYPE=dot_dtype,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out.to(x.dtype) if atomic_out else out
+
+@torch.library.custom_op("qwen_quant::gptq_matmul", mutates_args=())
+def gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], bits: int, group: int, config: list[int]) -> torch.Tensor:
+    """The matmul as a torch op: what torch.compile puts in its graph (and a CUDA graph then captures). config:
+    Launch.op_config's ints. An opaque custom op rather than torch.library.triton_op: a call uses state that a
+    functional trace cannot express (the split-K workspace that every call leaves zeroed, and the shared dequantize
+    scratch), and the op's result is a pure function of its inputs, as its schema says."""
+    route, *rest = config
+    launch = Launch.prepare(MatmulConfig(ROUTES[route], *rest), bits, group, x.shape[1], qweight.shape[1])
+    return run(launch, x.contiguous(), qweight, scales, zeros, bias)
+
+
+@gptq_matmul_op.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group, config):
+    return x.new_empty(x.shape[0], qweight.shape[1])

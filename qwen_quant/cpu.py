@@ -2,12 +2,15 @@
 
 Our machines come in two kinds: AVX-512 with bf16 instructions (AVX512-BF16 or AMX), where oneDNN's bf16 GEMM is fast,
 and AVX2 only, where bf16 matmuls run several times slower than fp32 (6.6x at 2048 x 2048 x 5504). The answer decides
-the dtype a bf16 checkpoint's blocks compute in while quantized (plan.block_compute_dtype) and the cpu backend's
-prefill route (qlinear). `QWEN_QUANT_CPU_BF16=1` or `=0` overrides the detection, so that either route runs, and is
-tested, on either kind of machine (the results differ only in rounding; the speed is the machine's).
+the dtype a bf16 checkpoint's blocks compute in while quantized (plan.block_compute_dtype) and the dtype of the cpu
+backend's prefill tiles (qlinear). `QWEN_QUANT_CPU_BF16=1` or `=0` overrides the detection, so that either route runs,
+and is tested, on either kind of machine (the results differ only in rounding; the speed is the machine's).
+
+`best_seconds` times a callable here, for choices made by measuring this machine (qlinear's prefill route).
 """
 import functools
 import os
+import time
 
 import torch
 
@@ -29,3 +32,15 @@ def fast_bf16_matmul() -> bool:
                          "without) or auto")
     forced = BF16_CHOICES[value]
     return detected_fast_bf16_matmul() if forced is None else forced
+
+
+def best_seconds(fn, calls: int = 3) -> float:
+    """The fastest of `calls` timed calls of fn(), after one untimed call (thread pools, kernel selection, first
+    touch of scratch memory): the minimum, since other processes only ever add time to a call."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -6,9 +6,10 @@ every tensor, sorts act-order weights by group once (forward then gathers x[...,
 - "torch": dequantize-then-matmul on any device; the reference, and the path for 2 / 3-bit weights and for g_idx
   whose groups are not equal contiguous runs after sorting.
 - "triton": the kernels of qwen_quant.kernels for Int4 / Int8 on CUDA (or on CPU under TRITON_INTERPRET=1).
-- "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there); for prompts
-  (M >= CPU_PREFILL_MIN_M rows) on CPUs without native bf16 matmuls, fp32 tiles of the dequantized weight and
-  torch's fp32 GEMM instead (see _tiled_fp32_matmul).
+- "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there), for decoding and
+  short prompts; longer prompts multiply tiles of the dequantized weight with torch's dense GEMM instead, in bf16 on
+  CPUs with fast bf16 matmuls, else in fp32 (see _tiled_matmul). The prompt length where the tiles start is measured
+  on this machine, once per process and kind of layer, by timing both routes on a probe layer (see cpu_prefill_rows).
 - "auto": triton on CUDA for 4 / 8 bits, cpu on CPU where its kernels accept the layout, else torch.
 
 Backends are subclasses of QuantLinear; all of them take x [..., K] in any float dtype and return [..., N] in x's
@@ -21,7 +22,9 @@ module is always rebuilt from the checkpoint with from_packed.
 import functools
 import importlib.util
 import logging
+import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from qwen_quant import packing
-from qwen_quant.cpu import fast_bf16_matmul
+from qwen_quant.cpu import best_seconds, fast_bf16_matmul
 from qwen_quant.finite import all_finite
 
 logger = logging.getLogger("qwen_quant")
@@ -38,16 +41,16 @@ BACKENDS = ("auto", "torch", "triton", "cpu")
 TRITON_BITS = (4, 8)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage or crashes unless K is a multiple of 16 (measured)
-# Rows of x from which the cpu backends run the fp32 prefill path rather than their kernels (where it applies, see
-# _prefill_block). Measured on the 2-core AVX2 dev machine (AMD EPYC, no bf16 matmul), 4096 x 4096 g128, kernel vs
-# tiles in turns, best of 2-3. One thread (a prototype of the tiles; per-core work; load average 22): Int4 141 vs 251
-# ms at M = 32, 505 vs 503 at 128, 2477 vs 1580 at 512; Int8 (two Int4 halves) 283 vs 280 at 32, 747 vs 348 at 128,
-# 3942 vs 1215 at 512. Two threads on a machine at load average 28-30, where each parallel region of a tile waits for
-# a core: Int4 975 vs 9009 ms at M = 64, 3324 vs 7236 at 256, 13064 vs 14188 at 1024; Int8 2227 vs 9428, 6083 vs
-# 10376, 27842 vs 7701. The thresholds are where the tiles do not lose even then; a quiet machine would gain from
-# lower ones.
-CPU_PREFILL_MIN_M = {4: 1024, 8: 512}
-CPU_PREFILL_TILE = 512  # output columns dequantized at a time: 8 MiB of fp32 at K = 4096, freed after its product
+# Weights dequantized at a time by the cpu backends' prefill tiles (whole int4pack blocks, at least one): the tile's
+# fp32 and bf16 copies (6 MiB) stay in the L3 cache for its product. Fewer, larger tiles pay fewer operations (each
+# a parallel region); smaller ones fit lower caches. Measured on the AVX-512-bf16 machine (Qwen-1.8B shapes, 2
+# blocks, one thread, first token after 512 tokens, Int4 vs bf16): 2^18 weights a tile 0.867x, 2^19 0.874x, 2^20
+# 0.882x, 2^21 0.840x.
+CPU_PREFILL_TILE_WEIGHTS = 2**20
+# The probe on which the cpu backends time their kernel and their tiles, once per process and kind of layer: K, N,
+# and the two prompt lengths timed (each route's time is a line in the prompt length, see crossover_rows).
+CPU_PREFILL_PROBE_SHAPE = (1024, 1024)
+CPU_PREFILL_PROBE_ROWS = (16, 128)
 
 
 @dataclass
@@ -390,19 +393,30 @@ class TorchQuantLinear(QuantLinear):
 
 class TritonQuantLinear(TorchQuantLinear):
     """The Triton Int4 / Int8 kernels; holds the same tensors as the torch backend (GPTQ-packed sorted rows, scales
-    and zeros in the activation dtype, no zeros when symmetric)."""
+    and zeros in the activation dtype, no zeros when symmetric).
+
+    Everything but M is settled at load: one prepared launch per M bucket (the GPU's tuned table, else the heuristic;
+    see qwen_quant.kernels.configs), and the device's split-K workspace. A call picks its bucket's launch and makes
+    one kernel launch (two for long prompts: dequantize, then cuBLAS), allocating only its output. Under
+    torch.compile the call is the custom op qwen_quant::gptq_matmul, which the graph (and a CUDA graph) captures;
+    eager calls go straight to the launch, since a trip through the dispatcher costs more host time than the
+    decode kernel takes on a GPU."""
 
     backend = "triton"
 
     def __init__(self, w, perm, bias, dtype, group_size, name):
         super().__init__(w, perm, bias, dtype, group_size, name)
         # Imported here: defining the kernels imports Triton, which CPU-only users never need.
-        from qwen_quant.kernels.gptq_matmul import gptq_matmul
-        self._kernel = gptq_matmul
+        from qwen_quant.kernels.gptq_matmul import launch_for, prepare_launches, run
+        self._launch_for, self._run = launch_for, run
+        self._launches = prepare_launches(w.bits, w.group, w.in_features, w.out_features, w.qweight.device)
 
     def _matmul(self, x2):
-        return self._kernel(x2, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
-                            group_size=self.group)
+        launch = self._launch_for(self._launches, x2.shape[0])
+        if torch.compiler.is_compiling():
+            return torch.ops.qwen_quant.gptq_matmul(x2, self.qweight, self.scales, self.zeros, self.bias, self.bits,
+                                                    self.group, launch.op_config())
+        return self._run(launch, x2.contiguous(), self.qweight, self.scales, self.zeros, self.bias)
 
 
 def _check_cpu(module: QuantLinear, x: torch.Tensor) -> None:
@@ -438,29 +452,83 @@ def _int4pack_codes(packed: torch.Tensor, kernel_group: int, K: int, N: int, row
     return torch.cat(codes).to(torch.float32)
 
 
-_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of an int32
+_SCRATCH = threading.local()  # per thread, so that prompts run by two threads never share a tile
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` for one step of the prefill tiles, reused by every tile and prompt of this thread (grown
+    when a layer needs more, never freed: a few tiles' worth, see CPU_PREFILL_TILE_WEIGHTS). Fresh tensors of
+    megabytes cost a page fault per 4 KiB on their first write: 1.4 ms of a 10 ms layer at 64 rows (measured)."""
+    key, numel = (name, dtype), math.prod(shape)
+    buffer = _SCRATCH.__dict__.get(key)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # made in generate's inference mode, it could not be written outside it
+            buffer = _SCRATCH.__dict__[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def _int4pack_codes_tile(packed: torch.Tensor, rows: int, n0: int, n1: int, block: int) -> torch.Tensor:
     """The codes, uint8 [rows, n1 - n0], of output columns n0..n1 of an int4pack weight with `rows` input rows, read
-    straight from its layout (found by _prefill_block): a whole block of `block` columns stores block / 2 bytes per
+    straight from its layout (found by _int4pack_block): a whole block of `block` columns stores block / 2 bytes per
     row, whose low nibbles are the block's first half of columns and high nibbles its second half; a short last block
-    (N not a multiple of `block`) stores columns 2j and 2j + 1 in byte j. n0..n1 is whole blocks or the short one."""
+    (N not a multiple of `block`) stores columns 2j and 2j + 1 in byte j. n0..n1 is whole blocks or the short one.
+    Whole blocks are read into scratch (see _scratch), valid until the next tile."""
     width = n1 - n0
     data = packed.view(-1)[n0 * rows // 2:n1 * rows // 2]
     if width % block:
         pairs = data.view(rows, width // 2)
         return torch.stack([pairs & 15, pairs >> 4], -1).view(rows, width)
-    words = data.view(torch.int32).view(width // block, rows, block // 8)  # four bytes per operation
-    halves = [(words & _NIBBLES).transpose(0, 1), ((words >> 4) & _NIBBLES).transpose(0, 1)]
-    return torch.stack(halves, 2).view(torch.uint8).view(rows, width)
+    # uint8 shifts are logical: two operations (each a parallel region, which waits for a busy machine's second
+    # core), where int64 words take three at the same speed (measured).
+    packed_bytes = data.view(width // block, 1, rows, block // 2)
+    halves = _scratch("int4pack halves", (width // block, 2, rows, block // 2), torch.uint8)
+    torch.bitwise_and(packed_bytes, 15, out=halves[:, :1])
+    torch.bitwise_right_shift(packed_bytes, 4, out=halves[:, 1:])
+    return _codes_of_halves(halves)
 
 
-def _column_spans(N: int, block: int) -> list:
-    """(n0, n1) tiles of at most CPU_PREFILL_TILE output columns made of whole int4pack blocks, then the short last
-    block if there is one."""
+def _int8_codes_tile(packed: torch.Tensor, K: int, n0: int, n1: int, block: int) -> torch.Tensor:
+    """The 8-bit codes, uint8 [K, n1 - n0], of columns n0..n1 of CpuInt8QuantLinear's int4pack weight: 2K rows, the
+    codes' high nibbles in rows 0..K-1 and their low nibbles in rows K..2K-1. Whole blocks join the two nibbles
+    in the packed bytes, before the halves are put side by side (half the bytes of joining unpacked codes)."""
+    if (n1 - n0) % block:
+        nibbles = _int4pack_codes_tile(packed, 2 * K, n0, n1, block)
+        return nibbles[:K] << 4 | nibbles[K:]
+    packed_bytes = packed.view(-1)[n0 * K:n1 * K].view((n1 - n0) // block, 2, K, block // 2)
+    high, low = packed_bytes[:, 0], packed_bytes[:, 1]
+    halves = _scratch("int4pack halves", (high.shape[0], 2, K, block // 2), torch.uint8)
+    low_half = _scratch("low nibbles", high.shape, torch.uint8)
+    # A block's first half of columns: both nibbles from the low nibbles of the bytes; its second, from the high ones.
+    torch.bitwise_left_shift(high, 4, out=halves[:, 0]).bitwise_or_(torch.bitwise_and(low, 15, out=low_half))
+    torch.bitwise_and(high, 0xF0, out=halves[:, 1]).bitwise_or_(torch.bitwise_right_shift(low, 4, out=low_half))
+    return _codes_of_halves(halves)
+
+
+def _codes_of_halves(halves: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [rows, blocks * block] (scratch) from each block's two halves of columns, uint8 [blocks, 2, rows,
+    block / 2], by one copy that puts every row's halves side by side, eight bytes an element. Operations over short
+    runs (a block's row is 32 bytes) cost their loop, not their bytes: interleaving the halves while splitting the
+    nibbles took three times as long (measured)."""
+    blocks, _, rows, half = halves.shape
+    codes = _scratch("int4pack codes", (rows, blocks, 2, half // 8), torch.int64)
+    words = halves.view(torch.int64).permute(2, 0, 1, 3)
+    return codes.copy_(words).view(torch.uint8).view(rows, blocks * 2 * half)
+
+
+def cpu_prefill_scratch_bytes(K: int, bits: int) -> int:
+    """The most scratch (see _scratch) the prefill tiles of a layer with K inputs keep, per thread: a tile of at most
+    max(64, CPU_PREFILL_TILE_WEIGHTS // K) columns (int4pack blocks are 32 or 64 wide) costs 8 bytes a weight at 4
+    bits (split halves, codes, the fp32 tile, its bf16 copy) and 8.5 at 8 bits (the low nibbles besides)."""
+    weights = max(64, CPU_PREFILL_TILE_WEIGHTS // K // 64 * 64) * K
+    return weights * (17 if bits == 8 else 16) // 2
+
+
+def _column_spans(N: int, K: int, block: int) -> list:
+    """(n0, n1) tiles of about CPU_PREFILL_TILE_WEIGHTS weights (at least one block) made of whole int4pack blocks,
+    then the short last block if there is one."""
+    width = max(block, CPU_PREFILL_TILE_WEIGHTS // K // block * block)
     full = N - N % block
-    spans = [(n0, min(n0 + CPU_PREFILL_TILE, full)) for n0 in range(0, full, CPU_PREFILL_TILE)]
+    spans = [(n0, min(n0 + width, full)) for n0 in range(0, full, width)]
     return spans + ([(full, N)] if full < N else [])
 
 
@@ -473,39 +541,102 @@ def _int4pack_block() -> Optional[int]:
         rows, N = 8, 2 * block + 16
         codes = torch.randint(0, 16, (N, rows), generator=gen, dtype=torch.int32)
         packed = _int4pack(codes)
-        read = [_int4pack_codes_tile(packed, rows, n0, n1, block) for n0, n1 in _column_spans(N, block)]
+        read = [_int4pack_codes_tile(packed, rows, n0, n1, block) for n0, n1 in _column_spans(N, rows, block)]
         if torch.equal(torch.cat(read, 1).t().to(torch.int32), codes):
             return block
     return None
 
 
-def _prefill_block() -> Optional[int]:
-    """The int4pack block when the fp32 prefill path applies on this CPU, else None. It applies only where the CPU has
-    no fast bf16 matmul (cpu.fast_bf16_matmul): there dense bf16 has no fast GEMM and torch's fp32 GEMM beats the
-    int4pack kernel on long prompts (measured, see CPU_PREFILL_MIN_M). On CPUs with bf16 matmuls the kernels stay; an
-    unknown int4pack layout also leaves the kernels."""
-    return None if fast_bf16_matmul() else _int4pack_block()
-
-
-def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
-    """codes * scale + offset, fp32 [K, n1 - n0], from codes [K, n1 - n0] and fp32 [G, N] scales and offsets of G equal
-    groups of rows."""
+def _scale_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n0: int, n1: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """codes * scale + offset in `dtype` [K, n1 - n0] (scratch), from codes [K, n1 - n0] and fp32 [G, N] scales and
+    offsets of G equal groups of rows: computed in fp32, exactly for the kernels' bf16 scales and zeros, then rounded
+    once to dtype."""
     G, n = scales.shape[0], n1 - n0
-    # One pass from the integer codes (addcmul promotes them): each operation is a parallel region, and regions, not
-    # bytes, are what a busy machine makes expensive.
-    weight = torch.empty(G, codes.shape[0] // G, n, dtype=torch.float32)
-    torch.addcmul(offsets[:, None, n0:n1], codes.view(G, -1, n), scales[:, None, n0:n1], out=weight)
-    return weight.view(-1, n)
+    weight = _scratch("fp32 tile", (G, codes.shape[0] // G, n), torch.float32)
+    # Codes to fp32 first: addcmul promoting uint8 itself runs far slower beside the strided scales (measured).
+    torch.addcmul(offsets[:, None, n0:n1], weight.copy_(codes.view(G, -1, n)), scales[:, None, n0:n1], out=weight)
+    weight = weight.view(-1, n)
+    return weight if dtype == torch.float32 else _scratch("tile", weight.shape, dtype).copy_(weight)
 
 
-def _tiled_fp32_matmul(x2: torch.Tensor, spans: list, weight_tile) -> torch.Tensor:
-    """x2 [M, K] @ W in fp32, W [K, N] made one span of output columns at a time by weight_tile(n0, n1) -> fp32
-    [K, n1 - n0]: no full-precision copy of the whole weight is ever held."""
-    xf = x2.to(torch.float32)
-    y = torch.empty(x2.shape[0], spans[-1][1], dtype=torch.float32)
+def _tiled_matmul(x2: torch.Tensor, spans: list, weight_tile, dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] @ W in `dtype`, W [K, N] made one span of output columns at a time by weight_tile(n0, n1) -> dtype
+    [K, n1 - n0]: no dequantized copy of the whole weight is ever held."""
+    x = x2.to(dtype).contiguous()
+    y = torch.empty(x2.shape[0], spans[-1][1], dtype=dtype)
     for n0, n1 in spans:
-        torch.mm(xf, weight_tile(n0, n1), out=y[:, n0:n1])
+        torch.mm(x, weight_tile(n0, n1), out=y[:, n0:n1])
     return y
+
+
+def crossover_rows(kernel_seconds: tuple, tile_seconds: tuple, rows: tuple = CPU_PREFILL_PROBE_ROWS) -> float:
+    """The prompt length from which the prefill tiles beat the kernel, from each route's seconds at two prompt
+    lengths `rows`. Both routes are lines in the length: the kernel a GEMV per row, the tiles one dequantization of
+    the weight plus a dense GEMM. They cross where the kernel's steeper line passes the tiles'; a measurement where
+    the tiles' line is as steep as the kernel's (noise: they do less work per row) says they never win: inf."""
+    (m1, m2), (k1, k2), (t1, t2) = rows, kernel_seconds, tile_seconds
+    kernel_slope, tile_slope = (k2 - k1) / (m2 - m1), (t2 - t1) / (m2 - m1)
+    if tile_slope >= kernel_slope:
+        return math.inf
+    return m1 + (t1 - k1) / (kernel_slope - tile_slope)
+
+
+def _time_prefill_routes(bits: int, per_channel: bool, dtype: torch.dtype) -> tuple:
+    """(kernel seconds, tile seconds) at each CPU_PREFILL_PROBE_ROWS, on a probe layer of CPU_PREFILL_PROBE_SHAPE of
+    this kind (bits; per_channel: Int8's int8pack kernel, else groups of 128 through int4pack) with tiles of `dtype`;
+    each the best of three calls, on this process's threads as the prompts will run: the kernel is one parallel
+    region a call, the tiles several a tile, so they gain differently from a second thread (on the 2-core machine,
+    Int4 tiles won from 59 rows timed on one thread, from 78-88 on two). While another process holds a core,
+    every region waits for it (a scheduler tick): the kernel's time then hardly grows with the rows, the probe finds
+    that the tiles never win, and the kernels run, which is also the right choice then."""
+    K, N = CPU_PREFILL_PROBE_SHAPE
+    group = K if per_channel else 128
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    weight = SortedGptqWeight(qweight=packing.pack_qweight(codes, bits),
+                              zeros=torch.full((K // group, N), 2 ** (bits - 1), dtype=torch.int32),
+                              scales=torch.rand(K // group, N, generator=gen) / 64, row_group=None, bits=bits,
+                              group=group)
+    probe = backend_class("cpu", bits)(weight, None, None, torch.bfloat16, -1 if per_channel else group, "probe")
+    kernel, tiles = [], []
+    with torch.no_grad():
+        for rows in CPU_PREFILL_PROBE_ROWS:
+            x = torch.randn(rows, K, generator=gen).to(torch.bfloat16)
+            kernel.append(best_seconds(lambda: probe._kernel_product(x)))
+            tiles.append(best_seconds(lambda: probe._tile_product(x, dtype)))
+    return tuple(kernel), tuple(tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_prefill_rows(bits: int, per_channel: bool, dtype: torch.dtype) -> float:
+    rows = crossover_rows(*_time_prefill_routes(bits, per_channel, dtype))
+    lengths = "no" if rows == math.inf else f">= {max(2, math.ceil(rows))}"
+    logger.info("cpu backend, Int%d%s: prompts of %s rows run %s tiles of the dequantized weight (measured here)",
+                bits, " per channel" if per_channel else "", lengths, str(dtype).removeprefix("torch."))
+    return rows
+
+
+def cpu_prefill_rows(module: QuantLinear) -> float:
+    """The prompt length from which this cpu-backend module multiplies tiles of its dequantized weight rather than
+    running its kernel: the crossover_rows of both routes timed on a probe of its kind of layer, in this process's
+    tile dtype (cpu_prefill_route), at the first prompt that asks (then kept); never below two rows, since one row
+    is a GEMV that reads each weight once, which a tile cannot beat. inf where the tiles never run, as where this
+    code cannot read the CPU's int4pack layout."""
+    per_channel = module.kernel_group is None
+    if not per_channel and _int4pack_block() is None:
+        return math.inf
+    return max(2, _measured_prefill_rows(module.bits, per_channel, _prefill_dtype()))
+
+
+def cpu_prefill_route(module: QuantLinear, rows: int) -> Optional[torch.dtype]:
+    """The dtype of the tiles a prompt of `rows` rows runs through this cpu-backend module (bf16 on CPUs with fast
+    bf16 matmuls, else fp32), or None where its kernel runs it (see cpu_prefill_rows)."""
+    return _prefill_dtype() if rows >= 2 and rows >= cpu_prefill_rows(module) else None
+
+
+def _prefill_dtype() -> torch.dtype:
+    return torch.bfloat16 if fast_bf16_matmul() else torch.float32
 
 
 class CpuInt4QuantLinear(QuantLinear):
@@ -537,23 +668,27 @@ class CpuInt4QuantLinear(QuantLinear):
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
-        block = _prefill_block() if x2.shape[0] >= CPU_PREFILL_MIN_M[4] else None
-        if block:
-            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), self._weight_tile(block))
-        else:
-            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
-                                                           self.kernel_group, scales_and_zeros)
+        dtype = cpu_prefill_route(self, x2.shape[0])
+        y = self._tile_product(x2, dtype) if dtype else self._kernel_product(x2)
         return self._add_bias(y.to(x2.dtype))
 
-    def _weight_tile(self, block: int):
-        """weight_tile(n0, n1) for _tiled_fp32_matmul: the kernel's (q - 8) * scale + zero, fp32 [K, n1 - n0]."""
-        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
-        scales = scales_and_zeros[..., 0]
-        offsets = scales_and_zeros[..., 1] - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
-        K = self.in_features
-        return lambda n0, n1: _scale_codes(_int4pack_codes_tile(self.weight_int4pack, K, n0, n1, block), scales,
-                                           offsets, n0, n1)
+    def _kernel_product(self, x2):
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_int4pack,
+                                                          self.kernel_group, scales_and_zeros)
+
+    def _tile_product(self, x2, dtype):
+        """x2 @ W through tiles of `dtype` holding the kernel's (q - 8) * scale + zero (rounded to dtype)."""
+        # Contiguous fp32 scales and offsets: a strided operand keeps addcmul from vectorizing (15x slower, measured).
+        scales, zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32).unbind(-1)
+        scales = scales.contiguous()
+        offsets = zeros - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
+        K, block = self.in_features, _int4pack_block()
+
+        def weight_tile(n0, n1):
+            codes = _int4pack_codes_tile(self.weight_int4pack, K, n0, n1, block)
+            return _scale_codes(codes, scales, offsets, n0, n1, dtype)
+        return _tiled_matmul(x2, _column_spans(self.out_features, K, block), weight_tile, dtype)
 
     def _sorted_weight_kn(self):
         scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
@@ -616,37 +751,42 @@ class CpuInt8QuantLinear(QuantLinear):
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
-        block = _prefill_block() if x2.shape[0] >= CPU_PREFILL_MIN_M[8] else None
-        x_applied = x2 if block else x2.to(torch.bfloat16).contiguous()  # the x the product sees
-        if block:
-            y = _tiled_fp32_matmul(x2, _column_spans(self.out_features, block), self._weight_tile(block))
-        elif self.kernel_group is None:
-            y = torch.ops.aten._weight_int8pack_mm(x_applied, self.weight_int8, self.scales.view(torch.bfloat16))
-        else:
-            scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x_applied, x_applied], dim=1),
-                                                           self.weight_int4pack, self.kernel_group, scales_and_zeros)
+        dtype = cpu_prefill_route(self, x2.shape[0])
+        x_applied = x2.to(dtype or torch.bfloat16).contiguous()  # the x the product sees
+        y = self._tile_product(x_applied, dtype) if dtype else self._kernel_product(x_applied)
         if self.zero_scales is None:
             return self._add_bias(y.to(x2.dtype))
         zero_scales = self.zero_scales.view(torch.float32)
         group_sums = _group_sums(x_applied, self.group, zero_scales.shape[0])
         return self._add_bias((y.to(torch.float32) - group_sums @ zero_scales).to(x2.dtype))
 
-    def _weight_tile(self, block: int):
-        """weight_tile(n0, n1) for _tiled_fp32_matmul: (q - 128) * s, fp32 [K, n1 - n0] (zeros come after, as in
-        the kernels' path)."""
-        K = self.in_features
+    def _kernel_product(self, x2):
+        """x2 (bf16, contiguous) @ the q' * s the kernels apply."""
         if self.kernel_group is None:
-            scales = self.scales.view(torch.bfloat16).to(torch.float32)
-            return lambda n0, n1: self.weight_int8[n0:n1].t() * scales[n0:n1]
-        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16).to(torch.float32)
-        scales = scales_and_zeros[scales_and_zeros.shape[0] // 2:, :, 0]  # the low nibbles' s (the high ones' is 16 s)
+            return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.view(torch.bfloat16))
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x2, x2], dim=1), self.weight_int4pack,
+                                                          self.kernel_group, scales_and_zeros)
+
+    def _tile_product(self, x2, dtype):
+        """x2 @ the same q' * s through tiles of `dtype`: grouped, tiles of q' * s rounded to dtype; one group per
+        channel, tiles of q' alone (exact in either dtype), each channel's s applied to the product."""
+        K, N = self.in_features, self.out_features
+        if self.kernel_group is None:
+            def codes_tile(n0, n1):  # the int8 codes are [N, K]: a tile is their rows n0..n1, transposed
+                return _scratch("tile", (n1 - n0, K), dtype).copy_(self.weight_int8[n0:n1]).t()
+            y = _tiled_matmul(x2, _column_spans(N, K, 1), codes_tile, dtype)
+            return y.to(torch.float32) * self.scales.view(torch.bfloat16).to(torch.float32)
+        scales_and_zeros = self.scales_and_zeros.view(torch.bfloat16)
+        # The low nibbles' s (the high ones' is 16 s), contiguous for addcmul (see CpuInt4QuantLinear._tile_product).
+        scales = scales_and_zeros[scales_and_zeros.shape[0] // 2:, :, 0].to(torch.float32).contiguous()
         offsets = -128 * scales
+        block = _int4pack_block()
 
         def weight_tile(n0, n1):
-            nibbles = _int4pack_codes_tile(self.weight_int4pack, 2 * K, n0, n1, block)
-            return _scale_codes(nibbles[:K] << 4 | nibbles[K:], scales, offsets, n0, n1)
-        return weight_tile
+            codes = _int8_codes_tile(self.weight_int4pack, K, n0, n1, block)
+            return _scale_codes(codes, scales, offsets, n0, n1, dtype)
+        return _tiled_matmul(x2, _column_spans(N, K, block), weight_tile, dtype)
 
     def _sorted_weight_kn(self):
         K, N = self.in_features, self.out_features

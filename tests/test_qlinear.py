@@ -1,6 +1,8 @@
 """QuantLinear built from checkpoint tensors packed with qwen_quant.packing, against an fp64 reference computed in
 this file straight from the random integer codes: W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]."""
 import logging
+import math
+import random
 
 import pytest
 import torch
@@ -93,49 +95,178 @@ def test_cpu_int8_group_not_dividing_k():
     assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
 
 
+@pytest.fixture
+def prefill_probe(monkeypatch):
+    """Sets what the cpu backends' prefill probe measures (no timing): set(rows) makes every kind of layer measure
+    lines that cross half a row below `rows` (None: the tiles never win). Returns (set, the kinds probed)."""
+    probed = []
+
+    def set_crossover(rows_from):
+        probe_rows = qlinear.CPU_PREFILL_PROBE_ROWS
+        kernel = tuple(1e-4 * rows for rows in probe_rows)  # a GEMV per row
+        tile_slope, crossover = (2e-5, rows_from - 0.5) if rows_from is not None else (1e-4, 0)
+        tiles = tuple(tile_slope * rows + crossover * (1e-4 - tile_slope) for rows in probe_rows)
+        monkeypatch.setattr(qlinear, "_time_prefill_routes", lambda *kind: probed.append(kind) or (kernel, tiles))
+        qlinear._measured_prefill_rows.cache_clear()
+
+    yield set_crossover, probed
+    qlinear._measured_prefill_rows.cache_clear()  # the next test measures for itself
+
+
+def spy_tiles(monkeypatch) -> list:
+    """The dtype of every tiled product run from now on."""
+    runs, tiled_matmul = [], qlinear._tiled_matmul
+    monkeypatch.setattr(qlinear, "_tiled_matmul",
+                        lambda x2, spans, weight_tile, dtype: runs.append(dtype) or tiled_matmul(x2, spans,
+                                                                                                 weight_tile, dtype))
+    return runs
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, monkeypatch):
-    """From CPU_PREFILL_MIN_M rows the cpu backend multiplies fp32 tiles of its dequantized weight (on CPUs without
-    bf16 matmuls: forced here, whatever this CPU is): it must apply exactly the weight the kernels apply. N = 592
-    spans a full tile, a partial one and int4pack's short last block; K = 320 ends in a short group at g128."""
-    monkeypatch.setenv(BF16_ENV, "0")
-    assert qlinear._int4pack_block() in (32, 64)
-    layer = Layer(320, 592, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits + group_size)
+def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, cpu_bf16, prefill_probe,
+                                                    monkeypatch):
+    """The tiles hold the weight the kernels apply, rounded to the tiles' dtype: bf16 on CPUs with fast bf16 matmuls,
+    fp32 on the others (both forced here, whatever this CPU is). Identity rows read the applied weight back element
+    by element. N = 592 spans a full tile, a partial one and int4pack's short last block (CPU_PREFILL_TILE_WEIGHTS
+    is lowered to make tiles of 192 columns); K = 320 ends in a short group at g128."""
+    set_crossover, _ = prefill_probe
+    set_crossover(8)
+    monkeypatch.setattr(qlinear, "CPU_PREFILL_TILE_WEIGHTS", 320 * 192)
+    runs = spy_tiles(monkeypatch)
+    layer = Layer(320, 592, bits, group_size, symmetric=symmetric, act_order=act_order, bias=False,
+                  seed=bits + group_size)
     module = layer.build("cpu")
-    applied = module.dequantize().double()
-    M = qlinear.CPU_PREFILL_MIN_M[bits]
-    x = torch.randn(M, layer.K)
+    applied = module.dequantize().t().double()  # [K, N], checkpoint input order
+    read_back = module(torch.eye(layer.K)).double()
+    dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    assert runs == [dtype]
+    # Int8 tiles hold (q - 128) * s, its zero points subtracted after them in fp32, as in the kernels' path.
+    zero_scales = (layer.zeros - 128).double() * layer.scales.bfloat16().double()
+    zero_term = 0 if bits == 4 else zero_scales[layer.g_idx.long()]
+    # Each tile weight is the applied one rounded to the tiles' dtype: within half a unit in its last place (plus
+    # fp32 rounding where the applied weight nearly cancels to zero).
+    half_ulp = 2.0 ** -8 if cpu_bf16 else 2.0 ** -24
+    slack = 2.0 ** -20 * applied.abs().max()
+    assert ((read_back - applied).abs() <= half_ulp * (applied + zero_term).abs() + slack).all()
+    x = torch.randn(8, layer.K)
     y = module(x)
-    assert y.dtype == torch.float32
-    # fp32 activations and accumulation: far closer to the kernels' weight than the bf16 kernels themselves get.
-    assert relative_error(y, x.double() @ applied.t() + layer.bias.double()) < 1e-5
+    assert y.dtype == torch.float32 and runs == [dtype] * 2
     assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
-    kernel_rows = module(x[:M - 1])  # one row fewer: the kernels
-    assert 1e-5 < relative_error(kernel_rows, x[:M - 1].double() @ applied.t() + layer.bias.double()) < 4e-3
+    if not cpu_bf16:  # fp32 activations and accumulation: far closer to the kernels' weight than the kernels get
+        assert relative_error(y, x.double() @ applied) < 1e-5
+    kernel_rows = module(x[:7])  # one row fewer than measured: the kernels
+    assert runs == [dtype] * 2
+    assert 1e-5 < relative_error(kernel_rows, x[:7].double() @ applied) < 4e-3
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_prefill_stays_on_the_kernels_where_bf16_matmuls_are_fast(bits, monkeypatch):
-    tiles = []
-    scale_codes = qlinear._scale_codes
-    monkeypatch.setattr(qlinear, "_scale_codes", lambda *args: tiles.append(1) or scale_codes(*args))
-    module = Layer(320, 592, bits, 128, seed=bits).build("cpu")
-    x = torch.randn(qlinear.CPU_PREFILL_MIN_M[bits], 320)
-    monkeypatch.setenv(BF16_ENV, "1")
-    module(x)
-    assert not tiles
-    monkeypatch.setenv(BF16_ENV, "0")
-    module(x)
-    assert tiles
+KINDS = [(4, 128, True, False), (4, -1, False, True), (8, 128, True, False), (8, 64, False, True),
+         (8, -1, True, False), (8, -1, False, False)]
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, act_order", KINDS)
+def test_cpu_prefill_route_follows_the_measurement(bits, group_size, symmetric, act_order, cpu_bf16, prefill_probe,
+                                                   monkeypatch):
+    """Prompts from the measured crossover on run the tiles, shorter ones the kernel; one row always the kernel; a
+    probe where the tiles never win keeps every prompt on the kernel. Each kind of layer is probed once."""
+    set_crossover, probed = prefill_probe
+    runs = spy_tiles(monkeypatch)
+    layer = Layer(256, 128, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits)
+    module = layer.build("cpu")
+    dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    set_crossover(40)
+    for rows, route in ((39, []), (40, [dtype]), (1, []), (300, [dtype])):
+        runs.clear()
+        x = torch.randn(rows, layer.K)
+        assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
+        assert runs == route, rows
+    assert probed == [(bits, bits == 8 and group_size == -1, dtype)]  # Int4's channels run int4pack's groups
+    set_crossover(-5)  # tiles faster at any length the probe saw: still never one row
+    runs.clear()
+    module(torch.randn(1, layer.K))
+    module(torch.randn(2, layer.K))
+    assert runs == [dtype]
+    set_crossover(None)
+    runs.clear()
+    module(torch.randn(1000, layer.K))
+    assert runs == []
+
+
+def test_crossover_rows_is_where_the_lines_cross():
+    """Each route's seconds at the two probed lengths define a line; the tiles run from where their line drops
+    below the kernel's, and never when it is at least as steep."""
+    rng = random.Random(0)
+    m1, m2 = qlinear.CPU_PREFILL_PROBE_ROWS
+    for _ in range(200):
+        kernel_start, kernel_slope = rng.uniform(0, 1e-3), rng.uniform(1e-6, 1e-3)
+        tile_start, tile_slope = rng.uniform(0, 5e-3), rng.uniform(0, 2e-3)
+        kernel = tuple(kernel_start + kernel_slope * m for m in (m1, m2))
+        tiles = tuple(tile_start + tile_slope * m for m in (m1, m2))
+        crossover = qlinear.crossover_rows(kernel, tiles)
+        if tile_slope >= kernel_slope:
+            assert crossover == math.inf
+            continue
+        for rows in range(max(0, math.floor(crossover) - 3), math.ceil(crossover) + 4):
+            tiles_faster = tile_start + tile_slope * rows < kernel_start + kernel_slope * rows
+            assert tiles_faster == (rows > crossover) or abs(rows - crossover) < 1e-6
+
+
+@pytest.mark.parametrize("bits, per_channel", [(4, False), (8, False), (8, True)])
+def test_prefill_probe_times_both_routes(bits, per_channel, cpu_bf16, monkeypatch):
+    """The probe runs the kernel and the tiles of its kind at both lengths (what the times are is this machine's
+    business; none is asserted)."""
+    monkeypatch.setattr(qlinear, "CPU_PREFILL_PROBE_SHAPE", (256, 128))
+    runs = spy_tiles(monkeypatch)
+    kernel, tiles = qlinear._time_prefill_routes(bits, per_channel, torch.bfloat16 if cpu_bf16 else torch.float32)
+    assert len(kernel) == len(tiles) == 2 and min(kernel + tiles) > 0
+    assert runs == [torch.bfloat16 if cpu_bf16 else torch.float32] * 8  # a warm-up and three calls, two lengths
+
+
+def test_best_seconds_is_the_fastest_call_after_a_warm_up(monkeypatch):
+    from qwen_quant import cpu
+
+    clock = iter([0.0, 5.0, 10.0, 12.0, 20.0, 27.0])  # start and end of each timed call: 5, 2 and 7 seconds
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert cpu.best_seconds(lambda: calls.append(1)) == 2.0
+    assert len(calls) == 4  # the untimed warm-up and three timed calls
+
+
+def test_prefill_tiles_run_in_and_out_of_inference_mode(prefill_probe):
+    """The tiles' scratch is made once and reused: a prompt under generate's inference mode, then one outside it."""
+    set_crossover, _ = prefill_probe
+    set_crossover(2)
+    layer = Layer(256, 128, 8, 128, symmetric=False)
+    module = layer.build("cpu")
+    x = torch.randn(4, layer.K)
+    with torch.inference_mode():
+        inside = module(x)
+    outside = module(x)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), outside, rtol=0, atol=0)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def test_prefill_spans_cover_the_columns_in_whole_blocks():
+    rng = random.Random(0)
+    for _ in range(200):
+        block, K = rng.choice([32, 64]), rng.choice([64, 320, 2048, 5504, 2**21])
+        N = rng.randrange(1, 40) * 16
+        spans = qlinear._column_spans(N, K, block)
+        assert spans[0][0] == 0 and spans[-1][1] == N
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        widths = [n1 - n0 for n0, n1 in spans]
+        assert all(width % block == 0 for width in widths[:-1])  # whole blocks, then maybe the short last one
+        assert widths[-1] % block == 0 or widths[-1] < block
+        assert all(width <= max(block, qlinear.CPU_PREFILL_TILE_WEIGHTS // K) for width in widths)
 
 
 def test_cpu_bf16_switch_names_itself_when_misspelled(monkeypatch):
     monkeypatch.setenv(BF16_ENV, "yes")
     with pytest.raises(ValueError, match=r"\$QWEN_QUANT_CPU_BF16='yes' must be 1 .* 0 .* or auto"):
-        Layer(64, 64, 4, 32).build("cpu")(torch.randn(qlinear.CPU_PREFILL_MIN_M[4], 64))
+        Layer(64, 64, 4, 32).build("cpu")(torch.randn(2, 64))
 
 
 def test_cpu_int4_per_channel_uses_largest_kernel_group():
@@ -311,3 +442,59 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="Triton needs a CUDA device"):
         Layer(256, 64, 4, 128).build("triton")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_triton_compiled_forward_equals_eager(bits):
+    """torch.compile(fullgraph=True) puts the custom op qwen_quant::gptq_matmul in the graph (a graph break would be
+    an error): the compiled forward gives exactly the eager result in every M bucket (GEMV, tiles, dense route)."""
+    layer = Layer(96, 48, bits, 32, symmetric=False, act_order=True, seed=bits)
+    module = layer.build("triton")
+    compiled = torch.compile(module, fullgraph=True, dynamic=False)
+    for lead in ((1, 1), (2, 3), (30,), (2, 40)):  # 1, 6, 30, 80 rows: the GEMV, decode tiles, prompt tiles, dense
+        x = torch.randn(*lead, layer.K)
+        assert torch.equal(compiled(x), module(x))
+        assert relative_error(compiled(x), layer.expected(x)) < 1e-6
+
+
+def test_triton_call_uses_the_launches_prepared_at_load(monkeypatch):
+    """Configs are chosen once, at load, for every M bucket: a call chooses nothing."""
+    from qwen_quant.kernels import configs
+
+    module = Layer(288, 80, 4, 128).build("triton")
+    assert set(module._launches) == set(configs.M_BUCKETS)
+    monkeypatch.setattr(configs, "choose_config", lambda *args, **kwargs: pytest.fail("a call chose a config"))
+    for M in (1, 16, 64, 65):
+        module(torch.randn(M, 288))
+
+
+def test_triton_layer_uses_this_gpus_tuned_table(tmp_path, monkeypatch):
+    """A layer built on a GPU with a table entry for its shape class runs that entry (here: a pretend GPU's table,
+    under the interpreter); other buckets, and GPUs without a table, get the heuristic."""
+    from qwen_quant.kernels import configs
+    from qwen_quant.kernels import gptq_matmul as kernels
+
+    layer = Layer(256, 96, 8, 64, symmetric=False)
+    tuned = configs.MatmulConfig(block_m=1, block_n=32, block_k=32, split_k=4, num_warps=2)
+    path = tmp_path / "tuned_configs.json"
+    configs.write_table("Pretend GPU", {configs.shape_key(8, 64, 256, 96, 1): tuned}, path)
+    monkeypatch.setattr(configs, "TABLE_PATH", path)
+    monkeypatch.setattr(kernels, "device_config_source", lambda device: ("Pretend GPU", 132))
+    module = layer.build("triton")
+    assert module._launches[1].config == tuned
+    assert module._launches[16].config == configs.heuristic_config(16, 96, 256, 64, 8, 132)
+    x = torch.randn(1, layer.K)
+    assert relative_error(module(x), layer.expected(x)) < 1e-6
+    monkeypatch.setattr(kernels, "device_config_source", lambda device: ("Another GPU", 108))
+    assert layer.build("triton")._launches[1].config == configs.heuristic_config(1, 96, 256, 64, 8, 108)
+
+
+def test_triton_module_deep_copies():
+    """Copies (the GPU check's weight copies) hold their own tensors and compute the same."""
+    import copy
+
+    module = Layer(128, 64, 4, 32).build("triton")
+    twin = copy.deepcopy(module)
+    assert twin.qweight.data_ptr() != module.qweight.data_ptr()
+    x = torch.randn(3, 128)
+    assert torch.equal(twin(x), module(x))
