@@ -13,7 +13,7 @@ setup(
     packages=["qwen_quant", "qwen_quant.kernels", "qwen_quant.calibration"],
     package_dir={"qwen_quant": "qwen_quant", "qwen_quant.kernels": "kernels", "qwen_quant.calibration": "calibration"},
     # The embedded demo model (qwen-quantize demo runs offline straight after install) and the chat check's questions.
-    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl"]},
+    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl"], "qwen_quant.kernels": ["*.json"]},
     install_requires=[
         # This range resolves to the local 2.13.0 CPU build; a looser pin pulls a multi-GB CUDA build.
         "torch>=2.4,<2.14",
@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         # gguf builds the SmolLM2-135M test model; modelscope's cache layout is tested.
-        "dev": ["pytest>=7", "matplotlib", "gguf", "modelscope", "lm_eval>=0.4"],
+        # transformers: the independent reference the qwen2 / qwen3 runtime is tested against.
+        "dev": ["pytest>=7", "matplotlib", "gguf", "modelscope", "lm_eval>=0.4", "transformers"],
         "modelscope": ["modelscope"],
         # qwen-quantize eval --tasks and qwen_quant.harness (lm-evaluation-harness 0.4 has no model entry points: its
         # registry learns the name "qwen_quant" when qwen_quant.harness is imported).

@@ -156,10 +156,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def smollm2_dir(data_dir: Path) -> Path:
-    """The Qwen v1 folder of SmolLM2-135M-Instruct, built from data_dir's GGUF by the shared converter
-    (data_dir/../tools/gguf_to_qwen.py, run with this Python) the first time and cached in
-    $QWEN_QUANT_CACHE (default ~/.cache/qwen_quant) under the GGUF's sha256, so a changed GGUF builds afresh.
+def smollm2_dir(data_dir: Path, layout: str = "qwen") -> Path:
+    """The folder of SmolLM2-135M-Instruct in a checkpoint layout ("qwen": Qwen v1's; "qwen2": transformers'
+    Qwen2ForCausalLM), built from data_dir's GGUF by the shared converter (data_dir/../tools/gguf_to_qwen.py, run
+    with this Python) the first time and cached in $QWEN_QUANT_CACHE (default ~/.cache/qwen_quant) under the GGUF's
+    sha256, so a changed GGUF builds afresh.
     The build goes to a temporary folder renamed into place when complete: a killed build never looks finished.
     Raises FileNotFoundError when the GGUF or the converter is missing, RuntimeError when the converter fails."""
     data_dir = Path(data_dir)
@@ -170,13 +171,15 @@ def smollm2_dir(data_dir: Path) -> Path:
             raise FileNotFoundError(f"{needed} not found: SmolLM2-135M is built from the shared data's GGUF by the "
                                     "shared converter")
     cache = Path(os.environ.get("QWEN_QUANT_CACHE", Path.home() / ".cache" / "qwen_quant"))
-    folder = cache / f"smollm2_135m-{_sha256(gguf_path)[:16]}"
+    # The v1 folder keeps its name from before layouts had one, so existing caches stay valid.
+    suffix = "" if layout == "qwen" else f"-{layout}"
+    folder = cache / f"smollm2_135m-{_sha256(gguf_path)[:16]}{suffix}"
     if (folder / "config.json").is_file():
         return folder
     cache.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=folder.name + ".building-", dir=cache))
     try:
-        done = subprocess.run([sys.executable, str(converter), str(gguf_path), str(building)],
+        done = subprocess.run([sys.executable, str(converter), str(gguf_path), str(building), "--layout", layout],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{converter} failed on {gguf_path} (exit {done.returncode}):\n{done.stderr[-2000:]}")

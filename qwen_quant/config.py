@@ -1,4 +1,5 @@
-"""Configuration of a Qwen (v1) checkpoint, read from its config.json."""
+"""Configuration of a Qwen checkpoint, read from its config.json: Qwen v1 (model_type qwen) or a later generation
+written by transformers (qwen2: Qwen1.5 / 2 / 2.5; qwen3), whose keys are read into the same fields."""
 import dataclasses
 import json
 import math
@@ -17,6 +18,14 @@ REAL_VOCAB = 151851  # ids past this are embedding padding: never valid predicti
 # would overflow there ("int too big to convert"), far from its config field. Smaller wrong sizes fail the shape
 # checks against the weights, which name the tensor.
 MAX_INT = 2**63 - 1
+FAMILIES = ("qwen", "qwen2", "qwen3")  # config.json's model_type of every generation we read
+# The transformers families spell some of v1's fields differently: their config.json key -> our field.
+HF_KEYS = {"rope_theta": "rotary_emb_base", "rms_norm_eps": "layer_norm_epsilon", "head_dim": "kv_channels",
+           "dtype": "torch_dtype"}
+# Fields of one side only: v1's context tricks (dynamic NTK, logN) and bias flag; the later generations' grouped
+# kv heads and attention bias (qwen3). A key of the other side stays in `extra`, unread.
+V1_ONLY = ("seq_length", "rotary_pct", "use_dynamic_ntk", "use_logn_attn", "no_bias")
+HF_ONLY = ("num_key_value_heads", "attention_bias")
 
 
 def is_int(value) -> bool:
@@ -119,8 +128,8 @@ class QwenConfig:
     num_hidden_layers: int
     num_attention_heads: int
     vocab_size: int
-    intermediate_size: int  # Qwen convention: twice the MLP width
-    kv_channels: Optional[int] = None
+    intermediate_size: int  # v1: twice the MLP width; qwen2 / qwen3: the MLP width (see ffn_size)
+    kv_channels: Optional[int] = None  # the head dim (qwen2 / qwen3: head_dim), default hidden / heads
     seq_length: int = 8192
     max_position_embeddings: int = 32768
     layer_norm_epsilon: float = 1e-6
@@ -132,6 +141,9 @@ class QwenConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
     local_window_size: Optional[int] = None  # our option: attend to at most this many previous positions
+    model_type: str = "qwen"
+    num_key_value_heads: Optional[int] = None  # grouped-query attention's kv heads, default one per query head
+    attention_bias: bool = False  # qwen3: q/k/v/o biases (qwen2's q/k/v always have one, v1's c_attn too)
     quantization_config: Optional[QuantConfig] = None
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
@@ -139,19 +151,34 @@ class QwenConfig:
     # seq_length divides positions under dynamic NTK and logN; epsilon and base feed every norm and rotation.
     POSITIVE_INTS = REQUIRED + ("kv_channels", "seq_length", "max_position_embeddings")
     POSITIVE_NUMBERS = ("layer_norm_epsilon", "rotary_emb_base")
-    FLAGS = ("use_dynamic_ntk", "use_logn_attn", "no_bias", "tie_word_embeddings")
+    FLAGS = ("use_dynamic_ntk", "use_logn_attn", "no_bias", "tie_word_embeddings", "attention_bias")
 
     def __post_init__(self):
         if self.kv_channels is None and not field_problems(self, ("hidden_size", "num_attention_heads")):
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        problems = field_problems(self, self.POSITIVE_INTS, self.POSITIVE_NUMBERS, self.FLAGS)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        problems = field_problems(self, self.POSITIVE_INTS + ("num_key_value_heads",), self.POSITIVE_NUMBERS,
+                                  self.FLAGS)
+        if not isinstance(self.model_type, str) or self.model_type not in FAMILIES:
+            problems.append(f"model_type={shown(self.model_type)} is not one of {FAMILIES}")
         if self.local_window_size is not None:
             problems += field_problems(self, ("local_window_size",))
-        if not problems and self.kv_channels * self.num_attention_heads != self.hidden_size:
+        v1 = self.model_type == "qwen"
+        # Only v1 ties the head dim to the width (Qwen3-0.6B: head_dim 128, 16 heads, hidden 1024).
+        if not problems and v1 and self.kv_channels * self.num_attention_heads != self.hidden_size:
             problems.append(f"kv_channels {self.kv_channels} x num_attention_heads {self.num_attention_heads} "
                             f"!= hidden_size {self.hidden_size}")
-        if not problems and self.intermediate_size % 2:
+        if not problems and v1 and self.intermediate_size % 2:
             problems.append(f"intermediate_size {self.intermediate_size} must be even (twice the MLP width)")
+        if not problems and v1 and self.num_key_value_heads != self.num_attention_heads:
+            problems.append(f"num_key_value_heads {self.num_key_value_heads} != num_attention_heads "
+                            f"{self.num_attention_heads} (Qwen v1 has no grouped-query attention)")
+        if not problems and self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads {self.num_key_value_heads}")
+        if not problems and self.kv_channels % 2:
+            problems.append(f"the head dim {self.kv_channels} must be even (RoPE rotates pairs of channels)")
         if not is_number(self.rotary_pct) or self.rotary_pct != 1:  # JSON true == 1 in Python, but is no fraction
             problems.append(f"rotary_pct={shown(self.rotary_pct)} is not supported (Qwen v1 uses 1.0)")
         if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
@@ -161,7 +188,8 @@ class QwenConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size // 2
+        """The MLP width: v1's intermediate_size is twice it, the later generations' is it."""
+        return self.intermediate_size // 2 if self.model_type == "qwen" else self.intermediate_size
 
     @property
     def head_dim(self) -> int:
@@ -178,11 +206,18 @@ class QwenConfig:
         if missing:
             raise ValueError(f"{source} lacks required field(s) {missing}")
         model_type = d.get("model_type", "qwen")
-        if model_type != "qwen":
-            raise ValueError(f"{source}: model_type {shown(model_type)} is not Qwen v1 ('qwen')")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config"}
-        known = {k: v for k, v in d.items() if k in names}
-        if "torch_dtype" not in d:  # old Qwen configs only carry the bf16/fp16/fp32 flags
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
+            raise ValueError(f"{source}: model_type {shown(model_type)} is not one of the Qwen generations {FAMILIES}")
+        if model_type == "qwen":
+            names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config", *HF_ONLY}
+            known = {k: v for k, v in d.items() if k in names}
+        else:
+            names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization_config", *V1_ONLY,
+                                                                 *HF_KEYS.values()}
+            known = {k: v for k, v in d.items() if k in names}
+            known.update(hf_fields(d, source))
+            names |= {*HF_KEYS, "torch_dtype"}
+        if "torch_dtype" not in known:  # old Qwen configs only carry the bf16/fp16/fp32 flags
             flags = [f"{k}={shown(d[k])}" for k in ("bf16", "fp16") if k in d and not isinstance(d[k], bool)]
             if flags:
                 raise ValueError(f"{source}: {', '.join(flags)} must be true or false (a JSON boolean)")
@@ -207,15 +242,57 @@ class QwenConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("extra", "quantization_config", "local_window_size")})
+        v1 = self.model_type == "qwen"
+        left_out = ("extra", "quantization_config", "local_window_size", *(HF_ONLY if v1 else V1_ONLY))
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in left_out})
+        if not v1:  # the family's own spelling
+            d.update({key: d.pop(name) for key, name in HF_KEYS.items()})
         if self.local_window_size is not None:
             d["local_window_size"] = self.local_window_size
-        d.setdefault("model_type", "qwen")
-        d.setdefault("architectures", ["QWenLMHeadModel"])
+        if v1:
+            d.setdefault("architectures", ["QWenLMHeadModel"])
         if self.quantization_config is not None:
             d["quantization_config"] = {**self.quantization_config.to_dict(), "quant_method": "gptq"}
         return d
 
     def save(self, folder) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def hf_fields(d: dict, source: str) -> dict:
+    """The fields a qwen2 / qwen3 config.json spells its own way (HF_KEYS), with rope_theta also read from
+    rope_parameters (as transformers 5 writes it); refuses what our runtime does not compute as transformers does:
+    sliding-window attention, scaled RoPE, another activation than SiLU."""
+    fields = {HF_KEYS[k]: v for k, v in d.items() if k in HF_KEYS}
+    fields.update(use_dynamic_ntk=False, use_logn_attn=False)  # v1's context tricks: the later generations have none
+    if "dtype" not in d and "torch_dtype" in d:  # transformers 4's spelling
+        fields["torch_dtype"] = d["torch_dtype"]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: {key}={shown(rope)} must be a JSON object of fields")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{source}: {key} rope_type {shown(kind)} is not supported (only 'default' RoPE)")
+        if "rope_theta" in rope and "rope_theta" not in d:
+            fields["rotary_emb_base"] = rope["rope_theta"]
+    sliding = d.get("use_sliding_window", False)
+    if not isinstance(sliding, bool):
+        raise ValueError(f"{source}: use_sliding_window={shown(sliding)} must be true or false (a JSON boolean)")
+    if sliding:
+        raise ValueError(f"{source}: use_sliding_window true is not supported (sliding-window attention is not "
+                         "implemented)")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {shown(act)} is not supported (only 'silu')")
+    return fields
+
+
+def require_v1(config: QwenConfig, what: str) -> None:
+    """The one check of the parts that know only Qwen v1 (quantization, export, --tp, memory and plan): the later
+    generations run in the runtime, and are refused here, before any work."""
+    if config.model_type != "qwen":
+        raise ValueError(f"model_type {config.model_type!r}: {what} the {config.model_type} family is not supported "
+                         "yet (only Qwen v1, model_type 'qwen')")

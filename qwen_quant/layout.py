@@ -1,7 +1,12 @@
-"""Qwen (v1)'s checkpoint layout as data: tensor names, the five quantized linears and their shapes, the order in
-which GPTQ quantizes them, and the tensors a quantized linear is stored as. Every other module asks here, so a
+"""The checkpoint layouts of the Qwen generations as data: tensor names, the linears of a block and their shapes,
+the order in which GPTQ quantizes them, and the tensors a quantized linear is stored as. One Layout per family
+(v1 `qwen`, `qwen2` for Qwen1.5 / 2 / 2.5, `qwen3`), found by config.model_type; the module-level names are v1's,
+which the parts that know only v1 (quantization, export, memory, plan) read. Every other module asks here, so a
 change of layout (another model width, padding, a new tensor) is made once."""
 import re
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 from .config import QwenConfig
 
@@ -42,3 +47,77 @@ def linear_shapes(config: QwenConfig) -> dict:
     h, ff, biased = config.hidden_size, config.ffn_size, not config.no_bias
     return {"attn.c_attn": (h, 3 * h, True), "attn.c_proj": (h, h, biased), "mlp.w1": (h, ff, biased),
             "mlp.w2": (h, ff, biased), "mlp.c_proj": (ff, h, biased)}
+
+
+def hf_linear_shapes(config: QwenConfig) -> dict:
+    """The seven linears of a qwen2 / qwen3 block: q/k/v with a bias in qwen2 (always) and qwen3 (attention_bias),
+    o with one in qwen3 only; the MLP has none. k and v are as wide as the kv heads (grouped-query attention)."""
+    h, ff, d = config.hidden_size, config.ffn_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    qkv_bias = config.model_type == "qwen2" or config.attention_bias
+    return {"self_attn.q_proj": (h, q, qkv_bias), "self_attn.k_proj": (h, kv, qkv_bias),
+            "self_attn.v_proj": (h, kv, qkv_bias), "self_attn.o_proj": (q, h, config.attention_bias),
+            "mlp.gate_proj": (h, ff, False), "mlp.up_proj": (h, ff, False), "mlp.down_proj": (ff, h, False)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's checkpoint layout. A block computes x += out(attention(qkv(norms[0](x)))), then
+    x += down(up(m) * silu(gate(m))) with m = norms[1](x); its tensor names are `{blocks}.{i}.{path}.weight`."""
+
+    name: str  # config.json's model_type
+    embedding: str  # tensor names outside the blocks
+    final_norm: str
+    lm_head: str  # absent from a checkpoint with tie_word_embeddings: the head is the embedding
+    blocks: str  # the ModuleList of decoder blocks, and the start of every block tensor's name
+    norms: tuple  # a block's RMSNorms: before attention, before the MLP
+    qkv: tuple  # the linears giving q, k and v: one fused (v1's c_attn) or three
+    out: str  # attention's output projection
+    gate: str
+    up: str
+    down: str
+    groups: tuple  # true-sequential GPTQ groups, in the block's forward order
+    linear_shapes: Callable  # config -> {path: (in_features, out_features, bias)}, in forward order
+    qk_norms: tuple = ()  # per-head RMSNorms of q and k before RoPE (qwen3)
+
+    @property
+    def block_tensor(self) -> re.Pattern:
+        """(block index, name inside the block) of a block tensor's name."""
+        return re.compile(re.escape(self.blocks) + r"\.(0|[1-9][0-9]*)\.(.+)")
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.blocks}.{i}."
+
+    @property
+    def attention(self) -> str:
+        """The module holding the attention's linears (and qwen3's q/k norms): `attn`, `self_attn`."""
+        return self.out.rpartition(".")[0]
+
+    @property
+    def linears(self) -> tuple:
+        """The linears of a block, in the order of its forward (and of quantization)."""
+        return tuple(path for group in self.groups for path in group)
+
+    @property
+    def norm_before(self) -> dict:
+        """The groups whose input is an RMSNorm's output, and that norm."""
+        return {self.groups[0]: self.norms[0], self.groups[RESIDUAL_GROUP]: self.norms[1]}
+
+
+QWEN = Layout(name="qwen", embedding=EMBEDDING, final_norm=FINAL_NORM, lm_head=LM_HEAD, blocks=BLOCKS,
+              norms=BLOCK_NORMS, qkv=("attn.c_attn",), out="attn.c_proj", gate="mlp.w2", up="mlp.w1",
+              down="mlp.c_proj", groups=TRUE_SEQUENTIAL_GROUPS, linear_shapes=linear_shapes)
+QWEN2 = Layout(name="qwen2", embedding="model.embed_tokens.weight", final_norm="model.norm.weight",
+               lm_head="lm_head.weight", blocks="model.layers", norms=("input_layernorm", "post_attention_layernorm"),
+               qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), out="self_attn.o_proj",
+               gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+               groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                       ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+               linear_shapes=hf_linear_shapes)
+QWEN3 = dataclasses.replace(QWEN2, name="qwen3", qk_norms=("self_attn.q_norm", "self_attn.k_norm"))
+LAYOUTS = {layout.name: layout for layout in (QWEN, QWEN2, QWEN3)}
+
+
+def layout_of(config: QwenConfig) -> Layout:
+    """The layout of config's family (config.model_type, checked against config.FAMILIES when it was read)."""
+    return LAYOUTS[config.model_type]

@@ -10,8 +10,7 @@ import torch
 
 from .checkpoint import WeightReader, resolve_model_path
 from .config import QwenConfig
-from .layout import (BLOCK_NORMS, BLOCK_TENSOR, EMBEDDING, FINAL_NORM, GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED,
-                     LM_HEAD, QUANTIZED_LINEARS, block_prefix, linear_shapes)
+from .layout import GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED, layout_of
 from .qlinear import QuantLinear, validate_and_sort
 
 
@@ -26,10 +25,11 @@ def open_checkpoint(path_or_name, allow_pickle: bool = False) -> tuple[QwenConfi
 
 def block_tensor_shapes(config: QwenConfig) -> tuple[dict, set]:
     """(name inside a block -> shape, or None where the packing decides it; names a block may leave out)."""
-    h = config.hidden_size
-    shapes = {f"{norm}.weight": (h,) for norm in BLOCK_NORMS}
+    layout = layout_of(config)
+    shapes = {f"{norm}.weight": (config.hidden_size,) for norm in layout.norms}
+    shapes.update({f"{norm}.weight": (config.head_dim,) for norm in layout.qk_norms})
     optional = set()
-    for path, (k, n, bias) in linear_shapes(config).items():
+    for path, (k, n, bias) in layout.linear_shapes(config).items():
         if config.quantization_config is not None:  # packed shapes are checked where the packing is known (qlinear)
             shapes.update({f"{path}.{t}": None for t in GPTQ_REQUIRED})
             optional |= {f"{path}.{t}" for t in GPTQ_OPTIONAL}
@@ -42,14 +42,18 @@ def block_tensor_shapes(config: QwenConfig) -> tuple[dict, set]:
 
 def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
     """The checkpoint's tensor names and shapes (from the headers: nothing is read) against the ones the config
-    implies, before any model is built: a block more or less, or a vocabulary the embedding lacks, is an error."""
+    implies, before any model is built: a block more or less, or a vocabulary the embedding lacks, is an error. With
+    tie_word_embeddings the head is the embedding: a checkpoint may leave lm_head.weight out (transformers does)."""
+    layout = layout_of(config)
     block, optional = block_tensor_shapes(config)
     h, vocab = config.hidden_size, config.vocab_size
-    top = {EMBEDDING: (vocab, h), FINAL_NORM: (h,), LM_HEAD: (vocab, h)}
+    top = {layout.embedding: (vocab, h), layout.final_norm: (h,), layout.lm_head: (vocab, h)}
+    optional_top = {layout.lm_head} if config.tie_word_embeddings else set()
     layers = config.num_hidden_layers
+    block_tensor = layout.block_tensor
     unexpected, blocks = [], set()
     for name in reader.names():
-        match = BLOCK_TENSOR.fullmatch(name)
+        match = block_tensor.fullmatch(name)
         if match and int(match[1]) < layers and (match[2] in block or match[2] in optional):
             blocks.add(int(match[1]))
         elif name not in top:
@@ -59,13 +63,16 @@ def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
                          f"num_hidden_layers {layers}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     missing_block = next((i for i in range(layers) if i not in blocks), None)
     if missing_block is not None:
-        raise KeyError(f"tensor {block_prefix(missing_block)}ln_1.weight is missing from the checkpoint in "
+        raise KeyError(f"tensor {layout.block_prefix(missing_block)}{layout.norms[0]}.weight is missing from the "
+                       f"checkpoint in "
                        f"{reader.folder}: config.json has num_hidden_layers {layers}, the checkpoint "
                        f"{len(blocks)} block(s)")
     expected = dict(top)
     for i in range(layers):
-        expected.update({block_prefix(i) + name: shape for name, shape in block.items()})
+        expected.update({layout.block_prefix(i) + name: shape for name, shape in block.items()})
     for name, shape in expected.items():
+        if name not in reader and name in optional_top:
+            continue
         if name not in reader:
             raise KeyError(f"tensor {name} is missing from the checkpoint in {reader.folder}")
         if shape is not None and reader.shape(name) != shape:
@@ -74,18 +81,22 @@ def check_tensors(reader: WeightReader, config: QwenConfig) -> None:
 
 def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtype, device) -> None:
     """Replace module's meta parameters with the checkpoint's tensors, converted one at a time. Names and shapes
-    were checked by check_tensors; a float weight stored as integers is caught here, where it is read."""
-    for name, param in list(module.named_parameters()):
+    were checked by check_tensors; a float weight stored as integers is caught here, where it is read. A Parameter
+    shared by two modules (a head tied to the embedding) is read once, under its first name, and stays shared."""
+    filled = {}  # id of a meta Parameter -> its filled replacement
+    for name, param in list(module.named_parameters(remove_duplicate=False)):
         if not param.is_meta:  # filled already (the dense linears of load_dequantized_weights)
             continue
-        full = prefix + name
-        tensor = reader.get(full)
-        if not tensor.is_floating_point():
-            raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
-                             "float weight: the checkpoint is corrupt")
         owner, _, leaf = name.rpartition(".")
         target = module.get_submodule(owner) if owner else module
-        setattr(target, leaf, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        if id(param) not in filled:
+            full = prefix + name
+            tensor = reader.get(full)
+            if not tensor.is_floating_point():
+                raise ValueError(f"tensor {full} has dtype {str(tensor.dtype).removeprefix('torch.')}, but it is a "
+                                 "float weight: the checkpoint is corrupt")
+            filled[id(param)] = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        setattr(target, leaf, filled[id(param)])
 
 
 def default_dtype(config: QwenConfig, quantized: bool, device) -> torch.dtype:
@@ -103,11 +114,12 @@ def load_weights(model: torch.nn.Module, reader: WeightReader, dtype: Optional[t
     quant = model.config.quantization_config
     dtype = dtype or default_dtype(model.config, quant is not None, device)
     device = torch.device(device or "cpu")
+    layout = layout_of(model.config)
     if quant is not None:
         for i, block in enumerate(model.blocks):
-            for path in QUANTIZED_LINEARS:
+            for path in layout.linears:
                 owner, _, leaf = path.rpartition(".")
-                name = block_prefix(i) + path
+                name = layout.block_prefix(i) + path
                 dense = block.get_submodule(path)
                 setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
                     *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED),
@@ -127,9 +139,10 @@ def load_dequantized_weights(model: torch.nn.Module, reader: WeightReader, dtype
     quant = model.config.quantization_config
     if quant is None:
         raise ValueError(f"{reader.folder} is not a quantized checkpoint (config.json has no quantization_config)")
+    layout = layout_of(model.config)
     for i, block in enumerate(model.blocks):
-        for path in QUANTIZED_LINEARS:
-            name = block_prefix(i) + path
+        for path in layout.linears:
+            name = layout.block_prefix(i) + path
             linear = block.get_submodule(path)
             packed = [reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED]
             bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None

@@ -18,7 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import QwenConfig, is_int
+from .config import QwenConfig, is_int, require_v1
+from .kernels.configs import M_BUCKETS, split_k_workspace_sizes
 from .layout import BLOCKS, linear_shapes
 from .loading import default_dtype
 from .packing import valid_group_size
@@ -48,6 +49,7 @@ CUDA_BLOCK_ROUND = 512
 # is 32 MiB on Hopper and 8.125 MiB (":4096:2:16:8") before it; we count the larger. The lm_head (and every linear
 # of a dense model) runs through cuBLAS; the Triton GPTQ kernels need no workspace beyond their output.
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+PREFILL_ROWS = M_BUCKETS[-2]  # rows of x above which the Triton backend's prompts take the dense route
 
 BITS_OF_PRECISION = {"bf16": None, "int8": 8, "int4": 4}  # the columns of Qwen's published table
 PUBLISHED_TOKENS = 2048  # Qwen's protocol: batch 1, a 1-token context, generating 2048 tokens
@@ -85,6 +87,15 @@ def _block_bytes(shape, dtype: torch.dtype, device: str) -> int:
     if device == "cuda":
         return -(-nbytes // CUDA_BLOCK_ROUND) * CUDA_BLOCK_ROUND
     return nbytes
+
+
+def triton_workspace_bytes(shapes: list, prompt_rows: int, dtype: torch.dtype) -> int:
+    """What the Triton kernels allocate beside the weights (qwen_quant.kernels.gptq_matmul): one split-K workspace
+    per device, and, for a prompt of more than PREFILL_ROWS rows, the scratch the widest layer is dequantized into
+    (the heuristic's dense route; a tuned table may keep the fused kernel there and need none)."""
+    partials, arrivals = split_k_workspace_sizes(max(N for _, N, _ in shapes))
+    scratch = max(K * N for K, N, _ in shapes) * dtype.itemsize if prompt_rows > PREFILL_ROWS else 0
+    return 4 * (partials + arrivals) + scratch
 
 
 def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: str = "auto") -> str:
@@ -151,6 +162,7 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
 
     dtype: the activation dtype (default: the loader's choice, fp16 for quantized models on GPU, else bf16 for
     quantized and the config's dtype for dense ones). backend: as given to the loader."""
+    require_v1(config, "estimating the memory of")
     for option, value in (("tokens", tokens), ("batch", batch), ("prompt_tokens", prompt_tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
@@ -183,10 +195,21 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     widest = max(transients, key=transients.get)
     terms[ACTIVATIONS] = transients[widest]
     terms[WORKSPACE] = CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
+    quantized = bits is not None
+    shapes = list(linear_shapes(config).values())
+    backends = {quant_backend(K, N, bits, K if group_size == -1 else group_size, device, backend)
+                for K, N, _ in shapes} if quantized else set()
+    triton = "triton" in backends
+    if triton:
+        terms[WORKSPACE] += triton_workspace_bytes(shapes, batch * prompt_tokens, dtype)
+    cpu_tiles = "cpu" in backends and batch * prompt_tokens > 1
+    if cpu_tiles:  # the cpu backend's prompts may run tiles of the dequantized weight (qlinear); kept by the process
+        from .qlinear import cpu_prefill_scratch_bytes
+
+        terms[WORKSPACE] += max(cpu_prefill_scratch_bytes(K, bits) for K, _, _ in shapes)
     # The fixed overhead is outside what is compared: the CUDA context and the allocator's cached-but-free blocks are
     # not in max_memory_allocated (nor in Qwen's figures), and on CPU the interpreter and libraries are not tensors.
     terms[OVERHEAD] = 0
-    quantized = bits is not None
     notes = {
         LINEAR_WEIGHTS: f"{5 * L} block linears, {'packed integer codes' if quantized else _dtype_name(dtype)}",
         LINEAR_EXTRAS: "what the quantized linears keep beside the codes" if quantized else "biases",
@@ -195,9 +218,11 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
         NORMS: f"{2 * L + 1} RMSNorm weights",
         KV_CACHE: f"preallocated, {max_len} positions x {L} layers, {_dtype_name(dtype)}",
         ACTIVATIONS: f"at the widest moment: {widest}",
-        WORKSPACE: ("CPU kernels allocate only their outputs" if device != "cuda" else
-                    "cuBLAS workspace (lm_head); the Triton GPTQ kernels need none" if quantized else
-                    "cuBLAS workspace"),
+        WORKSPACE: (("the prompt's dequantized tiles (kept for later prompts)" if cpu_tiles else
+                     "CPU kernels allocate only their outputs") if device != "cuda" else
+                    "cuBLAS workspace (lm_head), the Triton kernels' split-K sums" +
+                    (" and the prompt's dequantized-layer scratch" if batch * prompt_tokens > PREFILL_ROWS else "")
+                    if triton else "cuBLAS workspace"),
         OVERHEAD: "CUDA context and allocator cache: outside max_memory_allocated" if device == "cuda" else
                   "interpreter and libraries: not tensors",
     }
@@ -317,7 +342,8 @@ def where_the_saving_comes_from(estimate: MemoryEstimate, published_gib: float) 
         dropped = ", ".join(f"{name} {nbytes / 2**20:.1f} MiB" for name, nbytes in estimate.not_kept.items())
         lines.append(f"- checkpoint tensors the kernels do not need ({dropped}): symmetric zeros are the constant "
                      "2^(bits-1) and without desc_act g_idx is k // group_size; and no dequantized-weight scratch "
-                     "buffer: the Triton kernels dequantize tile by tile in registers.")
+                     f"for decoding and prompts up to {PREFILL_ROWS} rows: the Triton kernels dequantize tile by tile "
+                     "in registers (longer prompts dequantize into one scratch shared by every layer, for cuBLAS).")
     return [textwrap.fill(line, 116, subsequent_indent="  ") for line in lines]
 
 

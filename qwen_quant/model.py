@@ -1,7 +1,10 @@
-"""The Qwen (v1) decoder in plain PyTorch: no transformers, no trust_remote_code.
+"""The Qwen decoder of every generation in plain PyTorch: no transformers, no trust_remote_code.
 
-One block: x = x + c_proj(attn(ln_1(x))); x = x + c_proj(w1(x) * silu(w2(x))) on ln_2(x) -- w2 is the gate.
+One block: x = x + out(attn(qkv(norm_1(x)))); x = x + down(up(m) * silu(gate(m))) with m = norm_2(x). The module
+tree and its names follow the family's layout (layout.Layout), so state_dict names are the checkpoint's: v1's
+attn.c_attn / mlp.w2 (the gate), qwen2's and qwen3's self_attn.q_proj / mlp.gate_proj.
 """
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import REAL_VOCAB, QwenConfig
-from .layout import BLOCKS, RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
+from .layout import BLOCKS, RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, Layout, layout_of
 from .loading import load_dequantized_weights, load_weights, open_checkpoint
 
 
@@ -96,38 +99,61 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def block_linear(config: QwenConfig, path: str) -> nn.Linear:
-    """The dense linear at `path` in a block, shaped as layout.linear_shapes says."""
-    k, n, bias = linear_shapes(config)[path]
-    return nn.Linear(k, n, bias=bias)
+def place(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put module at the dotted path under root, making plain containers on the way: the tree follows the layout."""
+    *owners, leaf = path.split(".")
+    for name in owners:
+        if name not in root._modules:
+            root.add_module(name, nn.Module())
+        root = root._modules[name]
+    root.add_module(leaf, module)
+
+
+def at(root: nn.Module, names: tuple) -> nn.Module:
+    """The module at a path split once at build time: dictionary reads, not get_submodule's parsing each call."""
+    for name in names:
+        root = root._modules[name]
+    return root
+
+
+def split_path(path: str) -> tuple:
+    return tuple(path.split("."))
 
 
 class Attention(nn.Module):
-    def __init__(self, config: QwenConfig):
+    """A block's attention: the module at the layout's attention path, holding its linears (placed by Block under
+    the layout's names), qwen3's per-head q/k norms and the KV cache; `mix` is the attention itself."""
+
+    def __init__(self, config: QwenConfig, qk_norms: tuple):
         super().__init__()
-        self.config = config
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.c_attn = block_linear(config, "attn.c_attn")
-        self.c_proj = block_linear(config, "attn.c_proj")
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
+            config.head_dim
+        for name in qk_norms:
+            self.add_module(name, RMSNorm(self.head_dim, config.layer_norm_epsilon))
+        self.qk_norms = qk_norms  # their names: q's, k's
         self.cache: Optional[KVCache] = None
 
-    def mix(self, qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """Fused q|k|v [B, T, 3h] -> the heads' attention outputs [B, T, h], before c_proj."""
-        B, T, h3 = qkv.shape
-        h = h3 // 3
-        q, k, v = qkv.split(h, dim=-1)
-        q = apply_rope(q.view(B, T, self.heads, self.head_dim), rope)
-        k = apply_rope(k.view(B, T, self.heads, self.head_dim), rope)
+    def mix(self, qkv: tuple, rope: Rope) -> torch.Tensor:
+        """The projections (q, k, v) [B, T, width] -> the heads' attention outputs [B, T, heads * head_dim]:
+        grouped-query attention, the cache holding the kv heads only (no repeated keys or values)."""
+        q, k, v = qkv
+        B, T, _ = q.shape
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norms:  # qwen3: each head's q and k RMS-normed before RoPE
+            q, k = self._modules[self.qk_norms[0]](q), self._modules[self.qk_norms[1]](k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if rope.logn is not None:
             q = (q.float() * rope.logn[:, None, None]).type_as(q)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope.use_cache:
             k, v = self.cache.update(rope.positions, k, v)
+        gqa = self.kv_heads != self.heads
         if rope.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rope.mask.to(q.dtype))
-        return y.transpose(1, 2).reshape(B, T, h)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rope.mask.to(q.dtype), enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
 
 
 def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
@@ -142,85 +168,106 @@ def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
     return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: QwenConfig):
-        super().__init__()
-        self.w1 = block_linear(config, "mlp.w1")  # up
-        self.w2 = block_linear(config, "mlp.w2")  # gate
-        self.c_proj = block_linear(config, "mlp.c_proj")
-
-    def hidden(self, x):
-        """The input of c_proj: up * silu(gate), in place in the gate's output (two [tokens, ffn] alive, not four)."""
-        gate = self.w2(x)
-        return F.silu(gate, inplace=True).mul_(self.w1(x))
-
-
 class Block(nn.Module):
     """forward is written as stages, one per true-sequential group of linears (GROUPS), so that quantization can run
     one stage over all its calibration chunks, quantize that group, and then run the next stage, without a second
     description of the block.
 
     Stage i (0 <= i < len(GROUPS)) returns the input of GROUPS[i]; stage len(GROUPS) returns the block's output. The
-    stages before RESIDUAL take x, the block's input [B, T, h], and y, a tensor of the same shape into which stage 1
-    writes the attention's output; add_attention then makes the residual stream after attention, and the stages from
-    RESIDUAL on read only that stream, as y (x is spent: quantization keeps the stream in x's place). Each stage may
-    be given the previous stage's result (`previous`, else it is recomputed): forward passes it on.
+    stages before RESIDUAL take x, the block's input [B, T, h], and y, a tensor [B, T, heads * head_dim] (x's
+    shape, unless an explicit head_dim differs as Qwen3-0.6B's does) into which stage 1 writes the attention's
+    output; add_attention then makes the residual stream after attention, and the stages from RESIDUAL on read only
+    that stream, as y (x is spent: quantization keeps the stream in x's place). Each stage may be given the previous
+    stage's result (`previous`, else it is recomputed): forward passes it on.
     """
 
-    GROUPS = TRUE_SEQUENTIAL_GROUPS
+    GROUPS = TRUE_SEQUENTIAL_GROUPS  # v1's, which quantization reads; a block's own are self.layout.groups
     RESIDUAL = RESIDUAL_GROUP  # the first stage that reads the residual stream (add_attention's output)
 
-    def __init__(self, config: QwenConfig):
+    def __init__(self, config: QwenConfig, layout: Optional[Layout] = None):
         super().__init__()
-        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.attn = Attention(config)
-        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.layout = layout = layout or layout_of(config)
+        h, eps = config.hidden_size, config.layer_norm_epsilon
+        place(self, layout.norms[0], RMSNorm(h, eps))
+        place(self, layout.attention, Attention(config, tuple(p.rpartition(".")[2] for p in layout.qk_norms)))
+        place(self, layout.norms[1], RMSNorm(h, eps))
+        for path, (k, n, bias) in layout.linear_shapes(config).items():
+            place(self, path, nn.Linear(k, n, bias=bias))
+        self.norm_1, self.norm_2 = (split_path(p) for p in layout.norms)
+        self.attention_path, self.qkv = split_path(layout.attention), tuple(split_path(p) for p in layout.qkv)
+        self.out, self.gate, self.up, self.down = (split_path(p) for p in (layout.out, layout.gate, layout.up,
+                                                                           layout.down))
+        d = config.head_dim
+        self.attention_width = config.num_attention_heads * d  # q's, and the attention output's
+        self.qkv_widths = (self.attention_width, config.num_key_value_heads * d, config.num_key_value_heads * d)
+
+    @property
+    def attention(self) -> Attention:
+        return at(self, self.attention_path)
+
+    def attend(self, normed: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The heads' attention outputs [B, T, heads * head_dim] of the normed input, before the output projection."""
+        if len(self.qkv) == 1:  # one fused q|k|v projection (v1)
+            qkv = at(self, self.qkv[0])(normed).split(self.qkv_widths, dim=-1)
+        else:
+            qkv = tuple(at(self, path)(normed) for path in self.qkv)
+        return at(self, self.attention_path).mix(qkv, rope)
+
+    def mlp_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the down projection: up * silu(gate), in place in the gate's output (two [tokens, ffn]
+        alive, not four)."""
+        return F.silu(at(self, self.gate)(x), inplace=True).mul_(at(self, self.up)(x))
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        y, result = torch.empty_like(x), None
-        for stage in range(len(self.GROUPS) + 1):
-            if stage == self.RESIDUAL:
-                self.add_attention(x, y, out=y)
+        y, result = x.new_empty(x.shape[:-1] + (self.attention_width,)), None
+        for stage in range(len(self.layout.groups) + 1):
+            if stage == self.RESIDUAL:  # the stream goes into the attention's buffer where the widths agree
+                y = self.add_attention(x, y, out=y if y.shape == x.shape else torch.empty_like(x))
             result = self.stage(stage, x, y, rope, result)
         return result
 
     def add_attention(self, x: torch.Tensor, attended: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The residual stream after attention: x + c_proj(the attention's output), written into out."""
-        return torch.add(x, self.attn.c_proj(attended), out=out)
+        """The residual stream after attention: x + out(the attention's output), written into out."""
+        return torch.add(x, at(self, self.out)(attended), out=out)
 
     def stage(self, stage: int, x: torch.Tensor, y: torch.Tensor, rope: Rope,
               previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if stage == 0:  # c_attn sees ln_1(x)
-            return self.ln_1(x)
-        if stage == 1:  # c_proj sees the heads' attention outputs, kept in y
-            normed = self.ln_1(x) if previous is None else previous
-            y.copy_(self.attn.mix(self.attn.c_attn(normed), rope))
+        if stage == 0:  # q/k/v see norm_1(x)
+            return at(self, self.norm_1)(x)
+        if stage == 1:  # the output projection sees the heads' attention outputs, kept in y
+            normed = at(self, self.norm_1)(x) if previous is None else previous
+            y.copy_(self.attend(normed, rope))
             return y
-        if stage == 2:  # w1 and w2 see ln_2 of the residual stream after attention, which y holds from here on
-            return self.ln_2(y)
-        if stage == 3:  # mlp.c_proj sees up * silu(gate)
-            return self.mlp.hidden(self.ln_2(y) if previous is None else previous)
+        if stage == 2:  # gate and up see norm_2 of the residual stream after attention, which y holds from here on
+            return at(self, self.norm_2)(y)
+        if stage == 3:  # down sees up * silu(gate)
+            return self.mlp_hidden(at(self, self.norm_2)(y) if previous is None else previous)
         if stage == 4:
-            hidden = self.mlp.hidden(self.ln_2(y)) if previous is None else previous
-            return y + self.mlp.c_proj(hidden)
+            hidden = self.mlp_hidden(at(self, self.norm_2)(y)) if previous is None else previous
+            return y + at(self, self.down)(hidden)
         raise ValueError(f"a block has stages 0 to {len(self.GROUPS)}, not {stage}")
 
 
-class Transformer(nn.Module):
-    def __init__(self, config: QwenConfig):
-        super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+def module_path(tensor_name: str) -> str:
+    """The module holding a tensor: `model.norm.weight` -> `model.norm`."""
+    return tensor_name.rpartition(".")[0]
 
 
 class QwenForCausalLM(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.layout = layout = layout_of(config)
+        h = config.hidden_size
+        place(self, module_path(layout.embedding), nn.Embedding(config.vocab_size, h))
+        place(self, layout.blocks, nn.ModuleList(Block(config, layout) for _ in range(config.num_hidden_layers)))
+        place(self, module_path(layout.final_norm), RMSNorm(h, config.layer_norm_epsilon))
+        place(self, module_path(layout.lm_head), nn.Linear(h, config.vocab_size, bias=False))
+        self.embedding_path, self.blocks_path, self.final_norm_path = (
+            split_path(module_path(layout.embedding)), split_path(layout.blocks),
+            split_path(module_path(layout.final_norm)))
+        if config.tie_word_embeddings:  # one Parameter: loading fills it once, from the embedding's tensor
+            self.lm_head.weight = self.embedding.weight
         self.cache_len = 0  # max length of the preallocated KV cache; 0 = no cache
         self.cache_alpha = 1.0  # dynamic-NTK factor fixed at prefill for the cached keys
         self.cache_rope: Optional[Rope] = None  # rope of the cache's positions 0..cache_len-1, made at setup_cache
@@ -233,16 +280,24 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The decoder blocks, in order: the module at layout.BLOCKS, the path their tensor names start with."""
-        return self.get_submodule(BLOCKS)
+        """The decoder blocks, in order: the module at layout.blocks, the path their tensor names start with."""
+        return at(self, self.blocks_path)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return at(self, self.embedding_path)
+
+    @property
+    def final_norm(self) -> RMSNorm:
+        return at(self, self.final_norm_path)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        return self.embedding.weight.dtype
 
     def alpha_for(self, total_len: int) -> float:
         return ntk_alpha(total_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
@@ -261,21 +316,22 @@ class QwenForCausalLM(nn.Module):
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache first")
             mask = attention_mask(input_pos, self.cache_len, self.config.local_window_size, self.dtype)
             rope = self.cache_rope.at(input_pos, mask)
-        x = self.transformer.wte(input_ids)
+        x = self.embedding(input_ids)
         for block in self.blocks:
             x = block(x, rope)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x)).float()
+        return self.lm_head(self.final_norm(x)).float()
 
     def setup_cache(self, batch: int, max_len: int, prompt_len: int) -> None:
         """Preallocate the KV cache (kept while it is large enough) and the rope table of its positions, with the
         dynamic-NTK factor fixed from the prompt, as the original does."""
         self.cache_alpha = self.alpha_for(prompt_len)
-        if not (self.cache_len >= max_len and self.blocks[0].attn.cache.k.shape[0] == batch):
+        if not (self.cache_len >= max_len and self.blocks[0].attention.cache.k.shape[0] == batch):
             c = self.config
-            for block in self.blocks:
-                block.attn.cache = KVCache(batch, c.num_attention_heads, max_len, c.head_dim, self.dtype, self.device)
+            for block in self.blocks:  # the kv heads only: grouped-query attention reads each for several queries
+                block.attention.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype,
+                                                self.device)
             self.cache_len = max_len
         # logN scales are kept for every position (ones up to seq_length) so that the table's structure, and with
         # it a compiled step, does not change with the cache's length.
@@ -286,7 +342,7 @@ class QwenForCausalLM(nn.Module):
 
     def clear_cache(self) -> None:
         for block in self.blocks:
-            block.attn.cache = None
+            block.attention.cache = None
         self.cache_len = 0
         self.cache_rope = None
 
@@ -346,16 +402,11 @@ class QwenForCausalLM(nn.Module):
         once; on the CPU the default mode fuses the elementwise work between the matmuls. A step is compiled for the
         cache's shape and the blocks' structure (blocks_signature), once each."""
         if self._compiled_step is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            # Rounded as eager rounds (each bf16 / fp16 op's result), so that compiled and eager decoding pick the
-            # same tokens; fused kernels would otherwise keep fp32 between ops.
-            options = {"emulate_precision_casts": True}
-            if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guard filters came with torch 2.8
-                options["guard_filter_fn"] = guards_outside_the_blocks
+            options = decode_compile_options(self.device, self.layout.blocks)
             # A copy of the function's code for each model: torch.compile keeps its compiled steps, and its limit of
             # eight, per code object, so models in one process do not share (and exhaust) one list.
             own_code = types.FunctionType(signed_decode_step.__code__.replace(), signed_decode_step.__globals__)
-            self._compiled_step = torch.compile(own_code, fullgraph=True, dynamic=False, mode=mode, options=options)
+            self._compiled_step = torch.compile(own_code, fullgraph=True, dynamic=False, options=options)
         signature = blocks_signature(self.blocks)
         return lambda token, input_pos: self._compiled_step(self, token, input_pos, signature)
 
@@ -413,10 +464,23 @@ def blocks_signature(blocks: nn.Module) -> int:
     return hash((modules, tensors))
 
 
-def guards_outside_the_blocks(entries) -> list:
+def decode_compile_options(device: torch.device, blocks: str) -> dict:
+    """torch.compile's options for the decode step on `device`, of a model whose blocks are the module at `blocks`."""
+    # Rounded as eager rounds (each bf16 / fp16 op's result), so that compiled and eager decoding pick the same
+    # tokens; fused kernels would otherwise keep fp32 between ops.
+    options = {"emulate_precision_casts": True}
+    if device.type == "cuda":  # mode "reduce-overhead", which torch.compile takes only without options
+        options.update(torch._inductor.list_mode_options("reduce-overhead"))
+    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guard filters came with torch 2.8
+        options["guard_filter_fn"] = functools.partial(guards_outside_the_blocks, blocks=blocks)
+    return options
+
+
+def guards_outside_the_blocks(entries, blocks: str = BLOCKS) -> list:
     """torch.compile's guard filter for signed_decode_step: every guard except those on the blocks' modules and
-    tensors; the KV caches inside the blocks stay guarded (a new batch or length compiles a new step)."""
-    inside = f"_modules['{BLOCKS.rsplit('.', 1)[-1]}']._modules["
+    tensors (the ModuleList at the layout's path `blocks`); the KV caches inside the blocks stay guarded (a new
+    batch or length compiles a new step)."""
+    inside = f"_modules['{blocks.rsplit('.', 1)[-1]}']._modules["
     return [inside not in entry.name or "cache" in entry.name for entry in entries]
 
 

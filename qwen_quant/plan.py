@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from .calibration import SEED_RANGE
-from .config import QwenConfig, is_int, is_number
+from .config import QwenConfig, is_int, is_number, require_v1
 from .cpu import fast_bf16_matmul
 from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 from .layout import RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
@@ -495,6 +495,7 @@ def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, gro
     else:
         folder = Path(name_or_folder).expanduser()
         config, title = QwenConfig.from_file(folder), str(folder)
+    require_v1(config, "planning the quantization of")
     out_config = check_settings(config, title, bits, group_size, method, seqlen, tp)
     plan = plan_quantization(out_config, bits, group_size, nsamples, seqlen, device, method=method)
     # This machine's memory always; the GPU's free memory where there is a GPU to ask.

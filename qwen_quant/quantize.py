@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
-from .config import QuantConfig, QwenConfig
+from .config import QuantConfig, QwenConfig, require_v1
 from .finite import SLICE_ELEMENTS, all_finite
 from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
                    gptq_quantize, input_scales, rtn_quantize)
@@ -141,6 +141,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     check_group_act_order(group_act_order, desc_act, static_groups, group_size)
     folder = resolve_model_path(model_path, hub)
     config = QwenConfig.from_file(folder)
+    require_v1(config, "quantizing")
     output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, bits))
     work_path = check_output(output, folder, overwrite)
     # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).

@@ -39,6 +39,16 @@ def smollm2_dir(data_dir) -> Path:
         pytest.fail(str(err), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def smollm2_qwen2_dir(data_dir) -> Path:
+    """The same SmolLM2-135M-Instruct in the Qwen2 layout (Qwen2ForCausalLM's names, separate q/k/v with zero biases,
+    9 heads over 3 kv heads, tied embeddings), built and cached as smollm2_dir is."""
+    try:
+        return build_smollm2(data_dir, layout="qwen2")
+    except (FileNotFoundError, RuntimeError) as err:
+        pytest.fail(str(err), pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def seeded_random_state():
     """Every test starts from the same global random state: a draw a test does not seed itself (torch.randn without a

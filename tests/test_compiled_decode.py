@@ -134,3 +134,14 @@ def test_compile_needs_the_cache(tmp_path):
     model = tiny_model(tmp_path)
     with pytest.raises(ValueError, match="use_cache=True"):
         model.generate(torch.tensor([[3, 4]]), 4, compile=True, use_cache=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_options_are_accepted_for_each_device(device):
+    """torch.compile checks its options when it wraps a function (no GPU needed): CUDA's CUDA graphs come as options,
+    since torch.compile refuses a mode beside options."""
+    from qwen_quant.model import decode_compile_options
+
+    options = decode_compile_options(torch.device(device), "transformer.h")
+    assert options.get("triton.cudagraphs", False) == (device == "cuda")
+    torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False, options=options)
