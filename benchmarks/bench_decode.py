@@ -39,8 +39,8 @@ def decode_rate(step_times: list) -> float:
     return (len(step_times) - 1) / (step_times[-1] - step_times[0])
 
 
-def decode(folder: str, prompt: list, tokens: int, device: str, compiled: bool) -> dict:
-    model = QwenForCausalLM.from_pretrained(folder, device=device)
+def decode(folder: str, prompt: list, tokens: int, device: str, compiled: bool, dtype=None) -> dict:
+    model = QwenForCausalLM.from_pretrained(folder, device=device, dtype=dtype)
     prompt = torch.tensor([prompt], device=device)
     # The cache the timed run needs, made first, so that warming up compiles the step the timed run uses.
     model.setup_cache(1, cache_length(prompt.shape[1] + tokens, compiled), prompt.shape[1])
@@ -92,7 +92,9 @@ def modes(compile_too: bool) -> list:
 
 
 def run_row(model: str, precision: str, folder, prompt: list, tokens: int, device: str, compiled: bool) -> dict:
-    run = isolated(decode, str(folder), prompt, tokens, device, compiled)
+    # "bf16" is the dtype of a dense row whatever its checkpoint holds (SmolLM2's build is fp32).
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    run = isolated(decode, str(folder), prompt, tokens, device, compiled, dtype)
     return {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager",
             "backend": run["result"]["backend"], "tokens_per_s": run["result"]["tokens_per_s"],
             "warmup_s": run["result"]["warmup_s"], "loaded_gib": run["result"]["loaded_bytes"] / GIB,

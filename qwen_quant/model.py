@@ -148,12 +148,16 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope.use_cache:
             k, v = self.cache.update(rope.positions, k, v)
-        gqa = self.kv_heads != self.heads
+        gqa, dtype = self.kv_heads != self.heads, q.dtype
+        if T == 1 and q.device.type == "cpu":
+            # One query on the CPU: the half-precision attention kernel takes 3-4.5x the time of converting to fp32
+            # and attending there (SmolLM2's decode step, 256 to 1024 cached positions, measured); prompts keep it.
+            q, k, v = q.float(), k.float(), v.float()
         if rope.mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=rope.mask.to(q.dtype), enable_gqa=gqa)
-        return y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        return y.to(dtype).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
 
 
 def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
