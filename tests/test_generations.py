@@ -262,3 +262,82 @@ def test_quantize_plan_and_memory_refuse_the_later_families(qwen2_folder, tmp_pa
         code, err, _ = run_cli(argv, capsys)
         assert code == 2 and "the qwen2 family is not supported yet" in err and "Traceback" not in err, argv
     assert not (tmp_path / "cli-out").exists()
+
+
+# quantization_config as Qwen's own Qwen2.5-*-GPTQ-Int4 config.json carries it (optimum's form: no
+# quantize_config.json); the keys our runtime does not use are kept as they are.
+PUBLISHED_QUANTIZATION_CONFIG = {"batch_size": 1, "bits": 4, "block_name_to_quantize": None, "cache_block_outputs": True,
+                                 "damp_percent": 0.01, "dataset": None, "desc_act": False,
+                                 "exllama_config": {"version": 1}, "group_size": 32, "max_input_length": None,
+                                 "model_seqlen": None, "module_name_preceding_first_block": None,
+                                 "modules_in_block_to_quantize": None, "pad_token_id": None, "quant_method": "gptq",
+                                 "sym": True, "tokenizer": None, "true_sequential": True, "use_cuda_fp16": False,
+                                 "use_exllama": True}
+
+
+def gptq_folder(folder: Path, family: str, bits: int, desc_act: bool) -> Path:
+    """A random model of `family` written as a published GPTQ folder: every block linear RTN-quantized (g32,
+    symmetric) into qweight / qzeros / scales / g_idx (shuffled groups with desc_act) and fp16 biases, the rest
+    fp16, quantization_config inside config.json."""
+    from safetensors.torch import save_file
+
+    from qwen_quant.gptq import rtn_quantize
+    from qwen_quant.packing import pack_qweight, pack_qzeros
+
+    torch.manual_seed(11)
+    config = hf_config(family, heads=4, kv_heads=2, head_dim=None, tied=family == "qwen3", bias=False, ffn=128)
+    reference = perturbed(HF[family][1](config).float(), seed=12)
+    reference.save_pretrained(folder, safe_serialization=True)
+    ours = QwenConfig.from_file(folder)
+    layout = layout_of(ours)
+    linears = {layout.block_prefix(i) + path for i in range(ours.num_hidden_layers) for path in layout.linears}
+    gen = torch.Generator().manual_seed(13)
+    tensors = {}
+    for name, tensor in reference.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner not in linears or leaf == "bias":
+            tensors[name] = tensor.half().contiguous()
+            continue
+        q = rtn_quantize(tensor, bits, group_size=32)
+        g_idx = q.g_idx
+        if desc_act:  # act-order: the inputs' groups in a shuffled order, as GPTQ with desc_act stores them
+            order = torch.randperm(tensor.shape[1], generator=gen)
+            q = rtn_quantize(tensor[:, order], bits, group_size=32)
+            g_idx = torch.empty_like(q.g_idx).index_copy_(0, order, q.g_idx)
+            codes = torch.empty_like(q.codes).index_copy_(1, order, q.codes)
+        else:
+            codes = q.codes
+        tensors[owner + ".qweight"] = pack_qweight(codes.t().contiguous(), bits)
+        tensors[owner + ".qzeros"] = pack_qzeros(q.zeros, bits)
+        tensors[owner + ".scales"] = q.scales.half()
+        tensors[owner + ".g_idx"] = g_idx.to(torch.int32)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    written = json.loads((folder / "config.json").read_text())
+    written.update(torch_dtype="float16", quantization_config={**PUBLISHED_QUANTIZATION_CONFIG, "bits": bits,
+                                                               "desc_act": desc_act})
+    (folder / "config.json").write_text(json.dumps(written))
+    return folder
+
+
+@pytest.mark.parametrize("family, bits, desc_act", [("qwen2", 4, False), ("qwen2", 8, True), ("qwen3", 4, True)])
+def test_published_gptq_folders_of_the_later_families_run_on_every_backend(tmp_path, family, bits, desc_act):
+    """Issue 24 item 5, the format part: a Qwen2.5-GPTQ-style folder (quantization_config in config.json) loads as
+    QuantLinear layers on each CPU backend and gives the logits of its weights decoded back to full precision."""
+    from qwen_quant.model import load_dequantized
+    from qwen_quant.qlinear import QuantLinear
+
+    folder = gptq_folder(tmp_path, family, bits, desc_act)
+    ids = torch.randint(0, 96, (1, 19), generator=torch.Generator().manual_seed(14))
+    expected = load_dequantized(folder)(ids)
+    # What bf16 arithmetic alone costs this model (its weights decoded, run densely in bf16): the cpu kernels'
+    # activations are bf16, so that is their yardstick; a misread layout costs orders of magnitude more.
+    bf16_error = (load_dequantized(folder, dtype=torch.bfloat16)(ids) - expected).norm() / expected.norm()
+    for backend in ("torch", "cpu", "auto"):
+        model = QwenForCausalLM.from_pretrained(folder, backend=backend, dtype=torch.float32 if backend == "torch"
+                                                else None)
+        quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert len(quantized) == 7 * model.config.num_hidden_layers
+        error = (model(ids) - expected).norm() / expected.norm()
+        assert error <= (1e-5 if backend == "torch" else 1.5 * bf16_error), backend
