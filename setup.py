@@ -5,7 +5,7 @@ from setuptools import setup
 setup(
     name="qwen_quant",
     version="0.1.0",
-    description="Post-training GPTQ quantization and fast inference for the Qwen (v1) language models",
+    description="Post-training GPTQ quantization and fast inference for the Qwen language models (v1 to Qwen3)",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

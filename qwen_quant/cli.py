@@ -75,9 +75,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     from .calibration import SEED_RANGE
     from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
 
-    p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen (v1) model into the layout "
-                                "of Qwen's published Int4/Int8 checkpoints. Other commands: qwen-quantize eval "
-                                "MODEL, qwen-quantize memory MODEL, qwen-quantize plan MODEL, qwen-quantize demo.")
+    p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen model (v1, Qwen1.5 / 2 / "
+                                "2.5, Qwen3) into the layout of Qwen's published Int4/Int8 checkpoints. Other "
+                                "commands: qwen-quantize eval MODEL, qwen-quantize memory MODEL, qwen-quantize plan "
+                                "MODEL, qwen-quantize demo.")
     p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=group_size, default=128,

@@ -247,16 +247,25 @@ class QwenConfig:
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in left_out})
         if not v1:  # the family's own spelling
             d.update({key: d.pop(name) for key, name in HF_KEYS.items()})
+            d["torch_dtype"] = d["dtype"]  # transformers before 4.56 (and Qwen's own folders) read torch_dtype
         if self.local_window_size is not None:
             d["local_window_size"] = self.local_window_size
         if v1:
             d.setdefault("architectures", ["QWenLMHeadModel"])
         if self.quantization_config is not None:
-            d["quantization_config"] = {**self.quantization_config.to_dict(), "quant_method": "gptq"}
+            d["quantization_config"] = quantization_config_dict(self.quantization_config, v1)
         return d
 
     def save(self, folder) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def quantization_config_dict(quant: QuantConfig, v1: bool) -> dict:
+    """config.json's quantization_config: v1's is quantize_config.json's keys; the later families' is what Qwen's
+    Qwen2.5-*-GPTQ-Int4 folders and GPTQModel write (every field, checkpoint_format included, no AutoGPTQ file
+    keys), as transformers + optimum / GPTQModel read it."""
+    fields = quant.to_dict() if v1 else dataclasses.asdict(quant)
+    return {**fields, "quant_method": "gptq"}
 
 
 def hf_fields(d: dict, source: str) -> dict:
@@ -291,8 +300,8 @@ def hf_fields(d: dict, source: str) -> dict:
 
 
 def require_v1(config: QwenConfig, what: str) -> None:
-    """The one check of the parts that know only Qwen v1 (quantization, export, --tp, memory and plan): the later
-    generations run in the runtime, and are refused here, before any work."""
+    """The one check of the parts that know only Qwen v1 (--tp, memory and plan): the later generations run in the
+    runtime and are quantized and exported, and are refused here, before any work."""
     if config.model_type != "qwen":
         raise ValueError(f"model_type {config.model_type!r}: {what} the {config.model_type} family is not supported "
                          "yet (only Qwen v1, model_type 'qwen')")

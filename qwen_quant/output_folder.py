@@ -2,7 +2,7 @@
 time per work folder, and resume keyed by content.
 
 A run deletes only what this tool wrote: an existing output folder is replaced only when it is empty or a previous
-output (quantize_config.json and our model card, nothing but files), and a work folder is cleared only when it holds
+output (config.json and our model card, nothing but files), and a work folder is cleared only when it holds
 our lock or settings, and a failed run removes the work folder it made unless it holds a finished block to resume.
 Each finished block is one file (its tensors, its layer reports, the key of the source content it was made from and
 their checksum, committed by one rename), so a kill at any point resumes cleanly, and a damaged block file, or one
@@ -32,11 +32,11 @@ SETTINGS_NAME = "settings.json"
 
 
 def is_previous_output(folder: Path) -> bool:
-    """Empty, or what quantize() writes: quantize_config.json, our model card, and files only (no folders, no links)."""
+    """Empty, or what quantize() writes: config.json, our model card, and files only (no folders, no links)."""
     entries = list(folder.iterdir())
     if not entries:
         return True
-    if any(e.is_symlink() or not e.is_file() for e in entries) or not (folder / "quantize_config.json").is_file():
+    if any(e.is_symlink() or not e.is_file() for e in entries) or not (folder / "config.json").is_file():
         return False
     card = folder / "README.md"
     if not card.is_file():
@@ -75,7 +75,7 @@ def check_output(output: Path, model_folder: Path, overwrite: bool) -> Path:
             raise FileExistsError(f"output folder {output} already exists: pass --overwrite to replace it")
         if not is_previous_output(absolute):
             raise FileExistsError(f"output folder {output} is not a previous output of qwen-quantize (those hold "
-                                  "quantize_config.json, our README.md and files only): --overwrite replaces only "
+                                  "config.json, our README.md and files only): --overwrite replaces only "
                                   "those; choose another --output, or move the folder away yourself")
     if work.is_dir() and not is_work_folder(work):
         raise FileExistsError(f"{work} exists and is not a qwen-quantize work folder (no {LOCK_NAME} or "

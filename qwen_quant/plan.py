@@ -149,8 +149,8 @@ def matmul_rate(dtype: torch.dtype, device: str) -> float:
 
 
 def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int:
-    """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every
-    linear carries one, see quantize.export_linear); and the two fp16 norms."""
+    """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every v1
+    linear carries one, see quantize.export_linear; plan covers v1 only); and the two fp16 norms."""
     total = 2 * config.hidden_size * 2
     for K, N, _ in linear_shapes(config).values():
         groups = -(-K // (K if group_size == -1 else group_size))

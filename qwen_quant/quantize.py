@@ -1,10 +1,11 @@
 """Block-by-block GPTQ of a Qwen checkpoint, written in the layout of Qwen's published Int4 / Int8 models.
 
 Only one decoder block's weights are ever materialised: the others stay in the memory-mapped safetensors. Each block
-is quantized true-sequentially in Qwen's groups [c_attn], [c_proj], [w1, w2], [mlp.c_proj]: every group's Hessian is
-collected from the outputs of the already-quantized groups before it, then the quantized block produces the next
-block's inputs. Finished blocks are saved in a work folder beside the output, so a killed run resumes at the next
-block; the output folder appears, by one rename, only when the checkpoint is complete.
+is quantized true-sequentially in its family's groups (layout.Layout.groups: v1's [c_attn], [c_proj], [w1, w2],
+[mlp.c_proj]; qwen2's and qwen3's [q, k, v], [o], [gate, up], [down], q/k/v sharing one Hessian): every group's
+Hessian is collected from the outputs of the already-quantized groups before it, then the quantized block produces
+the next block's inputs. Finished blocks are saved in a work folder beside the output, so a killed run resumes at the
+next block; the output folder appears, by one rename, only when the checkpoint is complete.
 """
 import copy
 import hashlib
@@ -25,8 +26,7 @@ from .config import QuantConfig, QwenConfig, require_v1
 from .finite import SLICE_ELEMENTS, all_finite
 from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
                    gptq_quantize, input_scales, rtn_quantize)
-from .layout import (BLOCK_NORMS, EMBEDDING, FINAL_NORM, GPTQ_PACKED, GPTQ_TENSORS, LM_HEAD, NORM_BEFORE,
-                     QUANTIZED_LINEARS, UNQUANTIZED, block_prefix)
+from .layout import GPTQ_PACKED, GPTQ_TENSORS, Layout, layout_of
 from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors, finished_block_bytes
@@ -113,8 +113,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
     full-precision model's activations are carried beside the quantized model's (twice the activation memory and
     forwards).
-    input_scaling: scale the inputs of the linears after ln_1 and ln_2 per channel (gptq.input_scales), folded into
-    the norms' weights.
+    input_scaling: scale the inputs of the linears after the block's two norms per channel (gptq.input_scales), folded
+    into the norms' weights.
     refine_passes: rounds of gptq.refine after GPTQ's sweep (least-squares scales, then each code re-chosen), 0
     for none; they change only the values written.
     group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
@@ -141,7 +141,9 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     check_group_act_order(group_act_order, desc_act, static_groups, group_size)
     folder = resolve_model_path(model_path, hub)
     config = QwenConfig.from_file(folder)
-    require_v1(config, "quantizing")
+    layout = layout_of(config)
+    if tp is not None:
+        require_v1(config, "--tp (splitting grouped-query attention's kv heads over GPUs) for")
     output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, bits))
     work_path = check_output(output, folder, overwrite)
     # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).
@@ -158,7 +160,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     # A fresh run clears the work folder; a resumed one keeps its finished blocks.
     check_plan(plan, output, device, reusable_bytes=finished_block_bytes(work_path) if resume else 0)
     log.info(plan_totals(plan))
-    for name in UNQUANTIZED:  # fail now rather than at the export, hours later
+    for name in unquantized_tensors(layout, reader):  # fail now rather than at the export, hours later
         read_fp16(reader, name)
     return_freed_tensors_to_os()
     # Every check that can be made before the first write is made: a refused run leaves nothing behind, and one that
@@ -174,7 +176,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         if method == "gptq":
             calibration_start = time.perf_counter()
             (hidden, tokens_digest), key = read_keyed(reader, key, lambda: embed_calibration(
-                folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device))
+                folder, reader, config, layout, calibration, nsamples, seqlen, seed, dtype, device))
             report.calibration_s = time.perf_counter() - calibration_start
             rope = make_rope(config, seqlen, ntk_alpha(seqlen, config.seq_length) if config.use_dynamic_ntk else 1.0,
                              device=device)
@@ -190,7 +192,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         work.start(settings)
         bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
         for i in bar:
-            prefix = block_prefix(i)
+            prefix = layout.block_prefix(i)
             timings = BlockReport(i, results={} if on_block is not None else None)
             block_start, block_cpu = clock(device), time.process_time()
             with torch.device("meta"):
@@ -206,10 +208,10 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                 report.resumed_blocks += 1
                 if fp_hidden is not None:  # its full-precision output first, while the block holds its own weights
                     run_block(block, fp_hidden, rope)
-                for path in QUANTIZED_LINEARS:
+                for path in layout.linears:
                     set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
                 if input_scaling:  # the norms hold the scales' inverses
-                    for norm in BLOCK_NORMS:
+                    for norm in layout.norms:
                         block.get_submodule(norm).weight.copy_(saved[0][f"{prefix}{norm}.weight"])
                 if hidden is not None:
                     step_start = clock(device)
@@ -241,16 +243,18 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             shutil.rmtree(out)
         out.mkdir()
         export_start = time.perf_counter()
-        report.output_bytes = write_shards(exported_tensors(reader, config, work), out, max_shard_bytes)
+        report.output_bytes = write_shards(exported_tensors(reader, config, layout, work), out, max_shard_bytes)
         report.export_s = time.perf_counter() - export_start
         out_config.torch_dtype = "float16"
-        out_config.extra.update(bf16=False, fp16=True, fp32=False)
         out_config.quantization_config = quant
+        if layout.remote_code:  # v1's remote code reads the flags, AutoGPTQ the file beside config.json
+            out_config.extra.update(bf16=False, fp16=True, fp32=False)
+            (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
         out_config.save(out)
-        (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
         copy_side_files(folder, out)
-        report.notes.append(tp_summary(config, out_config, quant, tp))
-        if "auto_map" not in config.extra:
+        if layout.remote_code:  # tensor_parallel's rules are v1's (no kv heads): no note rather than a wrong one
+            report.notes.append(tp_summary(config, out_config, quant, tp))
+        if layout.remote_code and "auto_map" not in config.extra:
             report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
                                 "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
         report.seconds = time.time() - start
@@ -273,7 +277,13 @@ def read_keyed(reader: WeightReader, key: str, read: Callable) -> tuple:
         reader.digest = None
 
 
-def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, seed, dtype, device) -> tuple:
+def unquantized_tensors(layout: Layout, reader: WeightReader) -> list:
+    """The tensors outside the blocks, written as they are in fp16: the embedding, the final norm and the head,
+    unless a tied head is absent from the source (it stays tied: the output has none either)."""
+    return [name for name in (layout.embedding, layout.final_norm, layout.lm_head) if name in reader]
+
+
+def embed_calibration(folder, reader, config, layout, calibration, nsamples, seqlen, seed, dtype, device) -> tuple:
     """Calibration windows -> embeddings [nsamples, seqlen, hidden] in the compute dtype, and the tokens' sha256."""
     from .calibration import get_calibration_data
     from .tokenizer import load_tokenizer
@@ -282,10 +292,10 @@ def embed_calibration(folder, reader, config, calibration, nsamples, seqlen, see
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
                          f"model's vocabulary of {config.vocab_size}")
-    wte = reader.get(EMBEDDING)
+    wte = reader.get(layout.embedding)
     hidden = torch.nn.functional.embedding(tokens, wte).to(device=device, dtype=dtype)
     if not all_finite(hidden):
-        raise ValueError(f"calibration embeddings contain NaN or inf ({EMBEDDING} is not finite)")
+        raise ValueError(f"calibration embeddings contain NaN or inf ({layout.embedding} is not finite)")
     return hidden, hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
@@ -298,7 +308,7 @@ def run_stage(block: Block, stage: int, hidden: torch.Tensor, attended: Optional
               previous=None) -> torch.Tensor:
     """Block.stage on one chunk's views, computed in the block's dtype: `hidden` holds the block's input before
     Block.RESIDUAL and the residual stream from it on; `attended` receives the attention's output (stage 1)."""
-    dtype = block.ln_1.weight.dtype
+    dtype = block_dtype(block)
     if stage >= Block.RESIDUAL:
         return block.stage(stage, None, hidden.to(dtype), rope, previous)
     y = attended if stage == Block.RESIDUAL - 1 else None
@@ -309,10 +319,21 @@ def run_stage(block: Block, stage: int, hidden: torch.Tensor, attended: Optional
     return result
 
 
+def block_dtype(block: Block) -> torch.dtype:
+    """The dtype the block computes in: its first norm's (every weight of a block has the same)."""
+    return block.get_submodule(block.layout.norms[0]).weight.dtype
+
+
+def attention_scratch(block: Block, hidden: torch.Tensor) -> torch.Tensor:
+    """Room for the attention's output of `hidden`'s tokens: heads x head_dim wide, which is not the hidden size
+    where an explicit head_dim differs (Qwen3-0.6B)."""
+    return hidden.new_empty(hidden.shape[:-1] + (block.attention_width,))
+
+
 def add_attention(block: Block, x: torch.Tensor, attended: torch.Tensor) -> None:
     """Block.add_attention on one chunk's views, in the block's dtype: the residual stream after attention takes the
     place of the block's input x, which no later stage reads."""
-    dtype = block.ln_1.weight.dtype
+    dtype = block_dtype(block)
     x_work = x.to(dtype)
     block.add_attention(x_work, attended.to(dtype), out=x_work)
     if x_work is not x:
@@ -333,7 +354,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
-    Block.GROUPS are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
+    The layout's groups are quantized in order, each from the Hessian of its inputs given by Block.stage with the groups
     before it already quantized: `hidden` carries the stages (the block's input, then the residual stream after
     attention), and a scratch of its size carries the attention's output from stage 1 to Block.RESIDUAL.
     With `fp_hidden` (the full-precision model's input to this block, which becomes its output), a copy of the block
@@ -341,8 +362,11 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     it adds attention chunk by chunk at once and gives its output with the last group's inputs (its MLP's hidden
     activations are at hand then).
     """
-    tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n) for n in ("ln_1.weight", "ln_2.weight")}
-    device = block.ln_1.weight.device
+    layout = block.layout
+    # The norms (and qwen3's q/k norms) are written unquantized; input scaling replaces the block norms' entries.
+    tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n)
+               for n in (f"{norm}.weight" for norm in layout.norms + layout.qk_norms)}
+    device = block.get_parameter(f"{layout.norms[0]}.weight").device
 
     def quantize_group(paths, hessian: Optional[HessianAccumulator]):
         H = hessian.hessian if hessian is not None else None
@@ -364,7 +388,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
                 rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss
             else:
                 result, rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=mse, name=name), None
-            tensors.update(export_linear(name, result, linear.bias, quant))
+            tensors.update(export_linear(name, result, linear.bias, quant, layout.bias_on_every_linear))
             set_dequantized(linear, tensors, name, quant, linear.weight.dtype)
             seconds = clock(device) - t0
             timings.gptq_s += seconds
@@ -374,7 +398,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
                                               rtn_loss, result.damp, seconds))
 
     if method == "rtn":
-        quantize_group(QUANTIZED_LINEARS, None)
+        quantize_group(layout.linears, None)
         return tensors
 
     parts = chunks(hidden.shape[0], hidden.shape[1])
@@ -384,16 +408,16 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     # The full-precision stream's block shares the weights until quantize_group replaces one (the copy keeps the
     # original). Its weights never change, so it adds attention at once, in one chunk's scratch.
     fp_block = copy.deepcopy(block, {id(p): p for p in block.parameters()}) if fp_hidden is not None else None
-    fp_scratch = torch.empty_like(fp_hidden[parts[0]]) if fp_hidden is not None else None
-    for stage, group in enumerate(Block.GROUPS):
-        last = stage == len(Block.GROUPS) - 1
+    fp_scratch = attention_scratch(block, fp_hidden[parts[0]]) if fp_hidden is not None else None
+    for stage, group in enumerate(layout.groups):
+        last = stage == len(layout.groups) - 1
         hessian = HessianAccumulator(block.get_submodule(group[0]).in_features, prefix + "+".join(group), device,
                                      asymmetric=fp_block is not None)
         if stage == Block.RESIDUAL - 1:
-            scratch = torch.empty_like(hidden)
+            scratch = attention_scratch(block, hidden)
         for s in parts:
             start = clock(device)
-            if stage == Block.RESIDUAL:  # c_proj is quantized: the residual stream takes the spent input's place
+            if stage == Block.RESIDUAL:  # out is quantized: the residual stream takes the spent input's place
                 add_attention(block, hidden[s], scratch[s])
             inputs = run_stage(block, stage, hidden[s], None if scratch is None else scratch[s], rope)
             fp_inputs = None
@@ -412,16 +436,16 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         if stage == Block.RESIDUAL:
             scratch = None
         if fp_block is not None and stage == Block.RESIDUAL - 1:
-            fp_block.attn = None  # spent: the full-precision stream has added attention
+            setattr(fp_block, layout.attention, None)  # spent: the full-precision stream has added attention
         if last:  # the full-precision stream has its output: free it before the last GPTQ
             fp_block = fp_scratch = fp_attended = None
-        if input_scaling and group in NORM_BEFORE:
-            scale_inputs(block, group, NORM_BEFORE[group], hessian, quant, mse, tensors, prefix)
+        if input_scaling and group in layout.norm_before:
+            scale_inputs(block, group, layout.norm_before[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
     start = clock(device)
     for s in parts:
-        hidden[s] = run_stage(block, len(Block.GROUPS), hidden[s], None, rope)
+        hidden[s] = run_stage(block, len(layout.groups), hidden[s], None, rope)
     timings.forward_s += clock(device) - start
     return tensors
 
@@ -448,25 +472,29 @@ def run_block(block: Block, hidden: torch.Tensor, rope) -> None:
     """The output of an already quantized block, into `hidden`, by the same stages and roundings as quantize_block
     (a block whose weights stay runs chunk by chunk: one chunk's scratch)."""
     parts = chunks(hidden.shape[0], hidden.shape[1])
-    scratch = torch.empty_like(hidden[parts[0]])
+    scratch = attention_scratch(block, hidden[parts[0]])
     for s in parts:
         attended = scratch[:s.stop - s.start]
         run_stage(block, 1, hidden[s], attended, rope)
         add_attention(block, hidden[s], attended)
-        hidden[s] = run_stage(block, len(Block.GROUPS), hidden[s], None, rope)
+        hidden[s] = run_stage(block, len(block.layout.groups), hidden[s], None, rope)
 
 
-def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantConfig) -> dict:
-    """The published tensors of one linear; every linear carries a bias (zeros where the model has none)."""
-    n = result.codes.shape[0]
-    return {
+def export_linear(name: str, result, bias: Optional[torch.Tensor], quant: QuantConfig,
+                  zero_bias: bool) -> dict:
+    """The published tensors of one linear: its bias if it has one, else zeros when zero_bias (the layout's
+    bias_on_every_linear) and nothing otherwise."""
+    tensors = {
         f"{name}.qweight": pack_qweight(result.codes.t().contiguous(), quant.bits),
         f"{name}.qzeros": pack_qzeros(result.zeros, quant.bits, quant.checkpoint_format),
         f"{name}.scales": to_fp16(result.scales, f"{name}.scales"),
         f"{name}.g_idx": result.g_idx.to(torch.int32),
-        f"{name}.bias": (to_fp16(bias, f"{name}.bias").cpu() if bias is not None
-                         else torch.zeros(n, dtype=torch.float16)),
     }
+    if bias is not None:
+        tensors[f"{name}.bias"] = to_fp16(bias, f"{name}.bias").cpu()
+    elif zero_bias:
+        tensors[f"{name}.bias"] = torch.zeros(result.codes.shape[0], dtype=torch.float16)
+    return tensors
 
 
 def to_fp16(tensor: torch.Tensor, name: str, in_place: bool = False) -> torch.Tensor:
@@ -511,18 +539,21 @@ def set_dequantized(linear: torch.nn.Linear, tensors: dict, name: str, quant: Qu
         linear.bias = torch.nn.Parameter(tensors[f"{name}.bias"].to(linear.bias.device, dtype), requires_grad=False)
 
 
-def exported_tensors(reader: WeightReader, config: QwenConfig, work: WorkFolder):
-    """Every tensor of the output in checkpoint order: fp16 embedding, blocks, final norm, fp16 lm_head."""
-    yield EMBEDDING, read_fp16(reader, EMBEDDING)
+def exported_tensors(reader: WeightReader, config: QwenConfig, layout: Layout, work: WorkFolder):
+    """Every tensor of the output in checkpoint order: fp16 embedding, blocks (norms, q/k norms, linears), final
+    norm, fp16 lm_head unless it is tied and absent (unquantized_tensors)."""
+    embedding, *after_blocks = unquantized_tensors(layout, reader)
+    yield embedding, read_fp16(reader, embedding)
     for i in range(config.num_hidden_layers):
         saved = load_file(work.block_file(i))
-        prefix = block_prefix(i)
-        for norm in BLOCK_NORMS:
+        prefix = layout.block_prefix(i)
+        for norm in layout.norms + layout.qk_norms:
             yield f"{prefix}{norm}.weight", saved[f"{prefix}{norm}.weight"]
-        for path in QUANTIZED_LINEARS:
+        for path in layout.linears:
             for t in GPTQ_TENSORS:
-                yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
-    for name in (FINAL_NORM, LM_HEAD):
+                if f"{prefix}{path}.{t}" in saved:  # a bias only where export_linear wrote one
+                    yield f"{prefix}{path}.{t}", saved[f"{prefix}{path}.{t}"]
+    for name in after_blocks:
         yield name, read_fp16(reader, name)
 
 
@@ -566,7 +597,7 @@ def model_card(report: QuantizeReport, source: Path, settings: dict) -> str:
 
 GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layout of Qwen's published
 `*-Int{q.bits}` checkpoints (AutoGPTQ format `{q.checkpoint_format}`), readable by transformers + optimum/GPTQModel and vLLM
-(see the tensor-parallel note below).
+(see the notes below).
 
 | setting | value |
 |---|---|
