@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--work", default=None, help="keep the quantized folders here (default: a temporary folder)")
+    parser.add_argument("--layout", default="qwen", choices=("qwen", "qwen2"),
+                        help="build the model in the Qwen v1 layout (default) or transformers' Qwen2 layout")
     args = parser.parse_args()
     grid = {"core": CORE, "full": FULL, "ci": CI}[args.grid or ("ci" if args.quick else "core")]
     if args.bits:
@@ -179,7 +181,7 @@ def main() -> None:
     info = machine()
     print(machine_line(info), flush=True)
     data = shared_data_dir()
-    model = smollm2_dir(data)
+    model = smollm2_dir(data, layout=args.layout)
     ids = eval_ids(data, windows)
     results = {"machine": info, "windows": windows, "nsamples": nsamples, "calib_seqlen": args.calib_seqlen,
                "rows": [], "failures": []}
