@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import REAL_VOCAB, QwenConfig
-from .layout import BLOCKS, RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, Layout, layout_of
+from .layout import BLOCKS, RESIDUAL_GROUP, Layout, layout_of
 from .loading import load_dequantized_weights, load_weights, open_checkpoint
 
 
@@ -173,11 +173,11 @@ def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
 
 
 class Block(nn.Module):
-    """forward is written as stages, one per true-sequential group of linears (GROUPS), so that quantization can run
-    one stage over all its calibration chunks, quantize that group, and then run the next stage, without a second
-    description of the block.
+    """forward is written as stages, one per true-sequential group of linears (layout.groups), so that quantization
+    can run one stage over all its calibration chunks, quantize that group, and then run the next stage, without a
+    second description of the block.
 
-    Stage i (0 <= i < len(GROUPS)) returns the input of GROUPS[i]; stage len(GROUPS) returns the block's output. The
+    Stage i (0 <= i < len(groups)) returns the input of groups[i]; stage len(groups) returns the block's output. The
     stages before RESIDUAL take x, the block's input [B, T, h], and y, a tensor [B, T, heads * head_dim] (x's
     shape, unless an explicit head_dim differs as Qwen3-0.6B's does) into which stage 1 writes the attention's
     output; add_attention then makes the residual stream after attention, and the stages from RESIDUAL on read only
@@ -185,7 +185,6 @@ class Block(nn.Module):
     stage's result (`previous`, else it is recomputed): forward passes it on.
     """
 
-    GROUPS = TRUE_SEQUENTIAL_GROUPS  # v1's, which quantization reads; a block's own are self.layout.groups
     RESIDUAL = RESIDUAL_GROUP  # the first stage that reads the residual stream (add_attention's output)
 
     def __init__(self, config: QwenConfig, layout: Optional[Layout] = None):
@@ -215,7 +214,7 @@ class Block(nn.Module):
             qkv = at(self, self.qkv[0])(normed).split(self.qkv_widths, dim=-1)
         else:
             qkv = tuple(at(self, path)(normed) for path in self.qkv)
-        return at(self, self.attention_path).mix(qkv, rope)
+        return self.attention.mix(qkv, rope)
 
     def mlp_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the down projection: up * silu(gate), in place in the gate's output (two [tokens, ffn]
@@ -249,7 +248,7 @@ class Block(nn.Module):
         if stage == 4:
             hidden = self.mlp_hidden(at(self, self.norm_2)(y)) if previous is None else previous
             return y + at(self, self.down)(hidden)
-        raise ValueError(f"a block has stages 0 to {len(self.GROUPS)}, not {stage}")
+        raise ValueError(f"a block has stages 0 to {len(self.layout.groups)}, not {stage}")
 
 
 def module_path(tensor_name: str) -> str:
