@@ -2,7 +2,8 @@
 from .config import QuantConfig, QwenConfig
 from .model import QwenForCausalLM
 from .quantize import quantize, summary_table
+from .settings import QuantizeSettings
 from .tokenizer import JsonTokenizer, QwenTokenizer, load_tokenizer
 
 __all__ = ["QwenConfig", "QuantConfig", "QwenForCausalLM", "QwenTokenizer", "JsonTokenizer", "load_tokenizer",
-           "quantize", "summary_table"]
+           "quantize", "QuantizeSettings", "summary_table"]

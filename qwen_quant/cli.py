@@ -71,51 +71,82 @@ def device_name(text: str) -> str:
     return text
 
 
-def quantize_parser() -> argparse.ArgumentParser:
-    from .calibration import SEED_RANGE
-    from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
+def gigabytes(text: str) -> int:
+    """A positive size in GB, as bytes."""
+    return int(finite_float(0, least_included=False)(text) * 1e9)
 
+
+def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize", description="GPTQ-quantize a Qwen model (v1, Qwen1.5 / 2 / "
                                 "2.5, Qwen3) into the layout of Qwen's published Int4/Int8 checkpoints. Other "
                                 "commands: qwen-quantize eval MODEL, qwen-quantize memory MODEL, qwen-quantize plan "
                                 "MODEL, qwen-quantize demo.")
-    p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", type=group_size, default=128,
-                   help="inputs per quantization group; -1 = per channel")
-    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
-    p.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
-    p.add_argument("--group-act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="act-order of whole groups, with no run-time cost (g_idx stays in order); default: on "
-                        "with a group size and without --desc-act / --static-groups")
-    p.add_argument("--asym-calibration", type=finite_float(0, 1), default=DEFAULT_ASYM_ALPHA,
-                   metavar="ALPHA", help="match the full-precision model's outputs (GPTAQ) with this strength in "
-                   f"[0, 1] (default {DEFAULT_ASYM_ALPHA}); 0: off (half the forwards and activation memory)")
-    p.add_argument("--input-scaling", action=argparse.BooleanOptionalAction, default=False,
-                   help="scale the inputs after ln_1 / ln_2 per channel (AWQ-style), folded into the norms")
-    p.add_argument("--refine-passes", type=int_at_least(0), default=DEFAULT_REFINE_PASSES, metavar="N",
-                   help="after GPTQ, N rounds of least-squares scales and re-chosen codes (default "
-                        f"{DEFAULT_REFINE_PASSES}); 0: plain GPTQ")
-    p.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
-    p.add_argument("--damp", type=finite_float(0, 1), default=0.01,
-                   help="damping as a fraction of the mean Hessian diagonal, in [0, 1]")
-    p.add_argument("--no-mse", dest="mse", action="store_false",
-                   help="the textbook min/max grid instead of the clipped grid searched per group")
-    p.add_argument("--dataset", default="c4", help="c4, wikitext2, or a .txt / .jsonl (chats) / .npy file")
-    p.add_argument("--nsamples", type=int_at_least(1), default=128)
-    p.add_argument("--seqlen", type=int_at_least(1), default=2048)
-    p.add_argument("--seed", type=int_at_least(SEED_RANGE[0], SEED_RANGE[1] - 1), default=0)
-    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    p.add_argument("model", help="a local folder, or a published name such as Qwen-14B-Chat or Qwen2.5-7B-Instruct")
+    add_method_arguments(p)
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--output", default=None, help="output folder (default: MODEL-Int4 / MODEL-Int8 here)")
+    p.add_argument("--output", default=None, help="output folder (default here: MODEL-Int4 / MODEL-Int8, for "
+                                                  "Qwen1.5 / 2 / 2.5 / 3 MODEL-GPTQ-Int4 / MODEL-GPTQ-Int8)")
     p.add_argument("--resume", action="store_true", help="continue a killed run at its next block")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", type=finite_float(0, least_included=False), default=4.0,
-                   help="GB per safetensors shard")
-    p.add_argument("--tp", type=int, default=None, help="pad the MLP width so that vLLM can split the output "
-                   "over this many GPUs (1, 2, 4 or 8); the outputs are unchanged")
     add_hub_argument(p)
     return p
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """The method's options, which quantize and plan take alike: each named as QuantizeSettings' field (dest), and
+    absent from the namespace unless given, so that QuantizeSettings' defaults are the only ones."""
+    from dataclasses import fields
+
+    from .calibration import SEED_RANGE
+    from .packing import SUPPORTED_BITS
+    from .settings import METHODS, QuantizeSettings
+
+    default = {f.name: f.default for f in fields(QuantizeSettings)}
+    g = p.add_argument_group("the method's options", argument_default=argparse.SUPPRESS)
+    g.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help=f"default {default['bits']}")
+    g.add_argument("--group-size", type=group_size, help="inputs per quantization group (default "
+                   f"{default['group_size']}); -1 = per channel")
+    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
+    g.add_argument("--static-groups", action="store_true", help="fix the group grids before GPTQ updates them")
+    g.add_argument("--group-act-order", action=argparse.BooleanOptionalAction,
+                   help="act-order of whole groups, with no run-time cost (g_idx stays in order); default: on "
+                        "with a group size and without --desc-act / --static-groups")
+    g.add_argument("--asym-calibration", type=finite_float(0, 1), metavar="ALPHA", help="match the full-precision "
+                   "model's outputs (GPTAQ) with this strength in [0, 1] (default "
+                   f"{default['asym_calibration']}); 0: off (half the forwards and activation memory)")
+    g.add_argument("--input-scaling", action=argparse.BooleanOptionalAction,
+                   help="scale the inputs after ln_1 / ln_2 per channel (AWQ-style), folded into the norms")
+    g.add_argument("--refine-passes", type=int_at_least(0), metavar="N",
+                   help="after GPTQ, N rounds of least-squares scales and re-chosen codes (default "
+                        f"{default['refine_passes']}); 0: plain GPTQ")
+    g.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid (writes gptq_v2 zeros)")
+    g.add_argument("--damp", dest="damp_percent", type=finite_float(0, 1), metavar="DAMP",
+                   help="damping as a fraction of the mean Hessian diagonal, in [0, 1] (default "
+                   f"{default['damp_percent']})")
+    g.add_argument("--no-mse", dest="mse", action="store_false",
+                   help="the textbook min/max grid instead of the clipped grid searched per group")
+    g.add_argument("--dataset", dest="calibration", metavar="DATASET",
+                   help="c4, wikitext2, or a .txt / .jsonl (chats) / .npy file "
+                   f"(default {default['calibration']})")
+    g.add_argument("--nsamples", type=int_at_least(1), help=f"calibration windows (default {default['nsamples']})")
+    g.add_argument("--seqlen", type=int_at_least(1), help="tokens per calibration window (default "
+                   f"{default['seqlen']})")
+    g.add_argument("--seed", type=int_at_least(SEED_RANGE[0], SEED_RANGE[1] - 1), help=f"default {default['seed']}")
+    g.add_argument("--method", choices=METHODS, help=f"default {default['method']}")
+    g.add_argument("--max-shard-size", dest="max_shard_bytes", type=gigabytes, metavar="GB",
+                   help=f"GB per safetensors shard (default {default['max_shard_bytes'] / 1e9:g})")
+    g.add_argument("--tp", type=int, help="pad the MLP width so that vLLM can split the output over this many "
+                   "GPUs (1, 2, 4 or 8); the outputs are unchanged")
+
+
+def quantize_settings(args: argparse.Namespace):
+    """The one QuantizeSettings of a quantize or plan command line (add_method_arguments)."""
+    from dataclasses import fields
+
+    from .settings import QuantizeSettings
+
+    names = {f.name for f in fields(QuantizeSettings)}
+    return QuantizeSettings(**{name: value for name, value in vars(args).items() if name in names})
 
 
 def add_hub_argument(p: argparse.ArgumentParser) -> None:
@@ -159,7 +190,8 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def memory_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize memory", description="Peak memory of the published protocol "
-                                "(batch 1, 1-token context, generating --tokens), term by term, beside Qwen's figure.")
+                                "(batch 1, 1-token context, generating --tokens), term by term, beside Qwen's figure "
+                                "(published for v1's sizes).")
     p.add_argument("model", help="a published name (no download needed) or a folder holding config.json")
     p.add_argument("--bits", type=int, default=None, choices=(4, 8), help="default: from the name, else bf16")
     p.add_argument("--group-size", type=group_size, default=128)
@@ -180,27 +212,16 @@ def plan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-quantize plan", description="Before quantizing: the run's peak device "
                                 "memory, peak host memory, output disk and time, term by term.")
     p.add_argument("model", help="a published name (no download needed) or a folder holding config.json")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", type=group_size, default=128)
-    p.add_argument("--nsamples", type=int_at_least(1), default=128)
-    p.add_argument("--seqlen", type=int_at_least(1), default=2048)
-    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    add_method_arguments(p)  # the run's, so that a plan's command line is the run's
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--tp", type=int, default=None, help="plan the MLP width padded for this many GPUs (as quantize's "
-                   "--tp: 1, 2, 4 or 8)")
     return p
 
 
 def run_quantize(args) -> None:
     from .quantize import quantize, summary_table
 
-    report = quantize(args.model, args.output, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-                      sym=args.sym, damp_percent=args.damp, static_groups=args.static_groups, calibration=args.dataset,
-                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-                      method=args.method, resume=args.resume, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_size * 1e9), mse=args.mse, tp=args.tp, hub=args.hub,
-                      asym_calibration=args.asym_calibration, group_act_order=args.group_act_order,
-                      input_scaling=args.input_scaling, refine_passes=args.refine_passes)
+    report = quantize(args.model, args.output, quantize_settings(args), device=args.device, resume=args.resume,
+                      overwrite=args.overwrite, hub=args.hub)
     print(summary_table(report))
 
 
@@ -264,8 +285,7 @@ def run_memory(args) -> None:
 def run_plan(args) -> None:
     from .plan import plan_report
 
-    print(plan_report(args.model, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
-                      seqlen=args.seqlen, device=args.device, method=args.method, tp=args.tp))
+    print(plan_report(args.model, quantize_settings(args), device=args.device))
 
 
 def run_demo(args) -> None:

@@ -297,11 +297,3 @@ def hf_fields(d: dict, source: str) -> dict:
     if act != "silu":
         raise ValueError(f"{source}: hidden_act {shown(act)} is not supported (only 'silu')")
     return fields
-
-
-def require_v1(config: QwenConfig, what: str) -> None:
-    """The one check of the parts that know only Qwen v1 (--tp, memory and plan): the later generations run in the
-    runtime and are quantized and exported, and are refused here, before any work."""
-    if config.model_type != "qwen":
-        raise ValueError(f"model_type {config.model_type!r}: {what} the {config.model_type} family is not supported "
-                         "yet (only Qwen v1, model_type 'qwen')")

@@ -55,7 +55,32 @@ CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] 
 
 
 class UntilReached(Exception):
-    """Raised from generate's streamer when the reply holds a stop string: generation ends there."""
+    """Raised from generate's streamer when every reply of the batch has ended: generation ends there."""
+
+
+class Replies:
+    """generate's streamer for a batch: each row's new tokens, up to its first stop id or the token that completes
+    one of the stop strings. A row that has ended is left out of what follows (the batch steps on for the others);
+    when every row has ended, UntilReached ends generate."""
+
+    def __init__(self, rows: int, until: Sequence[str], stop_ids: Sequence[int], decode):
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.running = set(range(rows))
+        self.until, self.stop_ids, self.decode = until, stop_ids, decode
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        for row, token in enumerate(tokens.tolist()):
+            if row in self.running:
+                self.tokens[row].append(token)
+                if token in self.stop_ids or any(stop in self.decode(self.tokens[row]) for stop in self.until):
+                    self.running.discard(row)
+        if not self.running:
+            raise UntilReached
+
+    def texts(self) -> list[str]:
+        """Each row's reply: its tokens decoded without the stop id (generate keeps it) and cut at the stop string."""
+        return [postprocess_generated_text(self.decode(new[:-1] if new and new[-1] in self.stop_ids else new),
+                                           self.until, None) for new in self.tokens]
 
 
 class QwenQuantLM(TemplateLM):
@@ -193,34 +218,35 @@ class QwenQuantLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy replies, one request at a time (generate runs prompts of one length together; requests differ)."""
+        """Greedy replies in request order, batch_size requests to a generate call, as lm_eval's Hugging Face model
+        batches them: grouped by generation kwargs, longest prompt first, left-padded."""
+        order = Collator([request.args for request in requests], group_by="gen_kwargs", group_fn=lambda args: args[1],
+                         sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]))
         replies = []
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
-            context, gen_kwargs = request.args
-            reply = self._generate(context, gen_kwargs)
-            self.cache_hook.add_partial("generate_until", request.args, reply)
-            replies.append(reply)
-        return replies
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+            for batch in order.get_batched(n=self.batch_size):
+                contexts, all_gen_kwargs = zip(*batch)
+                for args, reply in zip(batch, self._generate(contexts, all_gen_kwargs[0])):
+                    self.cache_hook.add_partial("generate_until", args, reply)
+                    replies.append(reply)
+                bar.update(len(batch))
+        return order.get_original(replies)
 
-    def _generate(self, context: str, gen_kwargs: dict) -> str:
+    def _generate(self, contexts: Sequence[str], gen_kwargs: dict) -> list[str]:
+        """The replies to contexts sharing gen_kwargs, in one left-padded generate call. Prompts stay within
+        max_length, itself within seq_length, so padding never changes the dynamic-NTK factor (generate's rule)."""
         max_gen_toks, until = self._generation_settings(gen_kwargs)
-        # The context's last tokens, leaving room for the reply within max_length.
-        prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
-        stop_ids = self.tokenizer.stop_ids
-        new: list[int] = []
-
-        def collect(token: torch.Tensor) -> None:
-            new.append(int(token[0]))
-            if any(stop in self.tok_decode(new) for stop in until):
-                raise UntilReached
-
+        # Each context's last tokens, leaving room for the reply within max_length.
+        prompts = [self.tok_encode(context)[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
+                   for context in contexts]
+        ids, attention_mask = left_padded(prompts, self.eot_token_id)
+        replies = Replies(len(prompts), until, self.tokenizer.stop_ids, self.tok_decode)
         try:
-            self.model.generate(prompt, max_gen_toks, stop_ids=stop_ids, streamer=collect)
+            self.model.generate(ids, max_gen_toks, stop_ids=self.tokenizer.stop_ids, streamer=replies,
+                                attention_mask=attention_mask)
         except UntilReached:
             pass
-        if new and new[-1] in stop_ids:  # generate keeps the stop token; the reply does not
-            new.pop()
-        return postprocess_generated_text(self.tok_decode(new), until, None)
+        return replies.texts()
 
     def _generation_settings(self, gen_kwargs: dict) -> tuple[int, list[str]]:
         """(max_gen_toks, stop strings) of a request's generation kwargs; anything but greedy decoding is refused."""
@@ -238,6 +264,17 @@ class QwenQuantLM(TemplateLM):
         if not all(isinstance(stop, str) for stop in stops):
             raise ValueError(f"generation kwargs until={until!r} must be strings")
         return max_gen_toks, [stop for stop in stops if stop]  # "" would stop at once
+
+
+def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one [B, longest] batch padded on the left with pad_id, and its attention mask (1 = token)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    return ids, attention_mask
 
 
 model_registry.register(MODEL_NAME, target="qwen_quant.harness:QwenQuantLM")

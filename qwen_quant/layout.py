@@ -1,14 +1,14 @@
 """The checkpoint layouts of the Qwen generations as data: tensor names, the linears of a block and their shapes,
 the order in which GPTQ quantizes them, and the tensors a quantized linear is stored as. One Layout per family
 (v1 `qwen`, `qwen2` for Qwen1.5 / 2 / 2.5, `qwen3`), found by config.model_type; the module-level names are v1's,
-which the parts that know only v1 (memory, plan, synthetic checkpoints) read. Every other module asks here, so a
+which the parts that know only v1 (synthetic checkpoints) read. Every other module asks here, so a
 change of layout (another model width, padding, a new tensor) is made once."""
 import re
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
-from .config import QwenConfig
+from .config import REAL_VOCAB, QwenConfig
 
 EMBEDDING = "transformer.wte.weight"
 FINAL_NORM = "transformer.ln_f.weight"
@@ -81,12 +81,16 @@ class Layout:
     qk_norms: tuple = ()  # per-head RMSNorms of q and k before RoPE (qwen3)
     # v1's published folders: transformers runs them by remote code (config.json's auto_map and bf16/fp16/fp32
     # flags) and AutoGPTQ reads quantize_config.json beside config.json; the later families are transformers-native
-    # and carry quantization_config in config.json only. tensor_parallel's split rules know v1's attention only
-    # (grouped-query attention's kv heads are a later step).
+    # and carry quantization_config in config.json only.
     remote_code: bool = False
     # v1's published files carry a bias on every linear (zeros except c_attn's, as AutoGPTQ then wrote them); the
     # later families' peers write a bias only where the model has one (qwen2's q/k/v).
     bias_on_every_linear: bool = False
+    # The ids a tokenizer can give when the model's folder has no tokenizer.json to count them (loading reads it):
+    # v1's qwen.tiktoken has 151851, below its embedding's padded rows; None: every row is a token.
+    real_vocab: Optional[int] = None
+    # What Qwen appends to a model's name for its quantized copy: Qwen-7B-Chat-Int4, Qwen2.5-7B-Instruct-GPTQ-Int4.
+    quantized_suffix: str = "-GPTQ-Int{bits}"
 
     @property
     def block_tensor(self) -> re.Pattern:
@@ -115,7 +119,7 @@ class Layout:
 QWEN = Layout(name="qwen", embedding=EMBEDDING, final_norm=FINAL_NORM, lm_head=LM_HEAD, blocks=BLOCKS,
               norms=BLOCK_NORMS, qkv=("attn.c_attn",), out="attn.c_proj", gate="mlp.w2", up="mlp.w1",
               down="mlp.c_proj", groups=TRUE_SEQUENTIAL_GROUPS, linear_shapes=linear_shapes, remote_code=True,
-              bias_on_every_linear=True)
+              bias_on_every_linear=True, real_vocab=REAL_VOCAB, quantized_suffix="-Int{bits}")
 QWEN2 = Layout(name="qwen2", embedding="model.embed_tokens.weight", final_norm="model.norm.weight",
                lm_head="lm_head.weight", blocks="model.layers", norms=("input_layernorm", "post_attention_layernorm"),
                qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), out="self_attn.o_proj",

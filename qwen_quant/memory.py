@@ -18,9 +18,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import QwenConfig, is_int, require_v1
+from .config import QwenConfig, is_int
 from .kernels.configs import M_BUCKETS, split_k_workspace_sizes
-from .layout import BLOCKS, linear_shapes
+from .layout import layout_of
 from .loading import default_dtype
 from .packing import valid_group_size
 from .published import SIZES, find_published
@@ -114,14 +114,15 @@ def quant_backend(K: int, N: int, bits: int, group: int, device: str, backend: s
 
 
 def quantized_linear_tensors(K: int, N: int, bits: int, group_size: int, dtype: torch.dtype, device: str,
-                             sym: bool = True, desc_act: bool = False, backend: str = "auto") -> list:
+                             sym: bool = True, desc_act: bool = False, backend: str = "auto",
+                             bias: bool = True) -> list:
     """(term, shape, dtype) of every tensor one QuantLinear keeps: what its backend stores, not the checkpoint."""
     from .qlinear import backend_class
 
     group = K if group_size == -1 else group_size
     backend = quant_backend(K, N, bits, group, device, backend)
     kept = backend_class(backend, bits).declared_buffers(K, N, bits, group_size, dtype=dtype, symmetric=sym,
-                                                         act_order=desc_act)
+                                                         act_order=desc_act, bias=bias)
     return [(LINEAR_WEIGHTS if name in QUANT_CODE_BUFFERS else LINEAR_EXTRAS, shape, kept_dtype)
             for name, (shape, kept_dtype) in kept.items()]
 
@@ -162,7 +163,6 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
 
     dtype: the activation dtype (default: the loader's choice, fp16 for quantized models on GPU, else bf16 for
     quantized and the config's dtype for dense ones). backend: as given to the loader."""
-    require_v1(config, "estimating the memory of")
     for option, value in (("tokens", tokens), ("batch", batch), ("prompt_tokens", prompt_tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
@@ -171,13 +171,16 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     device = torch.device(device).type
     dtype = dtype or default_dtype(config, bits is not None, device)
     h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    layout = layout_of(config)
+    shapes = list(layout.linear_shapes(config).values())
     terms = dict.fromkeys(TENSOR_TERMS + (ACTIVATIONS, WORKSPACE, OVERHEAD), 0)
     not_kept = {}
-    for K, N, bias in linear_shapes(config).values():
+    for K, N, bias in shapes:
         if bits is None:
             tensors = dense_linear_tensors(K, N, bias, dtype)
-        else:
-            tensors = quantized_linear_tensors(K, N, bits, group_size, dtype, device, sym, desc_act, backend)
+        else:  # a quantized linear holds the bias our export writes for it (quantize.export_linear)
+            tensors = quantized_linear_tensors(K, N, bits, group_size, dtype, device, sym, desc_act, backend,
+                                               bias or layout.bias_on_every_linear)
             G = -(-K // (K if group_size == -1 else group_size))
             # The loader reads these from the checkpoint and drops them (zeros are unpacked, or the constant
             # 2^(bits-1) when symmetric; g_idx becomes a permutation, or nothing when it is k // group).
@@ -186,17 +189,20 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
         for term, shape, tensor_dtype in tensors:
             terms[term] += L * _block_bytes(shape, tensor_dtype, device)
     terms[EMBEDDING] = _block_bytes((V, h), dtype, device)
-    terms[LM_HEAD] = _block_bytes((V, h), dtype, device)
-    terms[NORMS] = (2 * L + 1) * _block_bytes((h,), dtype, device)
+    tied = config.tie_word_embeddings  # then the head is the embedding's matrix, held once
+    terms[LM_HEAD] = 0 if tied else _block_bytes((V, h), dtype, device)
+    qk_norms = L * len(layout.qk_norms)  # qwen3's per-head norms of q and k
+    terms[NORMS] = (2 * L + 1) * _block_bytes((h,), dtype, device) + qk_norms * _block_bytes((config.head_dim,),
+                                                                                               dtype, device)
     max_len = prompt_tokens + tokens  # what generate() asks setup_cache for
-    terms[KV_CACHE] = 2 * L * _block_bytes((batch, config.num_attention_heads, max_len, config.head_dim), dtype,
+    # The cache holds the kv heads only (grouped-query attention: fewer than the query heads).
+    terms[KV_CACHE] = 2 * L * _block_bytes((batch, config.num_key_value_heads, max_len, config.head_dim), dtype,
                                            device)
     transients = peak_transients(config, batch, prompt_tokens, max_len, dtype.itemsize)
     widest = max(transients, key=transients.get)
     terms[ACTIVATIONS] = transients[widest]
     terms[WORKSPACE] = CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
     quantized = bits is not None
-    shapes = list(linear_shapes(config).values())
     backends = {quant_backend(K, N, bits, K if group_size == -1 else group_size, device, backend)
                 for K, N, _ in shapes} if quantized else set()
     triton = "triton" in backends
@@ -211,11 +217,12 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     # not in max_memory_allocated (nor in Qwen's figures), and on CPU the interpreter and libraries are not tensors.
     terms[OVERHEAD] = 0
     notes = {
-        LINEAR_WEIGHTS: f"{5 * L} block linears, {'packed integer codes' if quantized else _dtype_name(dtype)}",
+        LINEAR_WEIGHTS: f"{len(shapes) * L} block linears, "
+                        f"{'packed integer codes' if quantized else _dtype_name(dtype)}",
         LINEAR_EXTRAS: "what the quantized linears keep beside the codes" if quantized else "biases",
-        EMBEDDING: f"wte [{V}, {h}] {_dtype_name(dtype)}",
-        LM_HEAD: f"[{V}, {h}] {_dtype_name(dtype)} (untied)",
-        NORMS: f"{2 * L + 1} RMSNorm weights",
+        EMBEDDING: f"{layout.embedding.removesuffix('.weight')} [{V}, {h}] {_dtype_name(dtype)}",
+        LM_HEAD: "tied: the embedding's matrix" if tied else f"[{V}, {h}] {_dtype_name(dtype)} (untied)",
+        NORMS: f"{2 * L + 1} RMSNorm weights" + (f" and {qk_norms} q/k norms" if qk_norms else ""),
         KV_CACHE: f"preallocated, {max_len} positions x {L} layers, {_dtype_name(dtype)}",
         ACTIVATIONS: f"at the widest moment: {widest}",
         WORKSPACE: (("the prompt's dequantized tiles (kept for later prompts)" if cpu_tiles else
@@ -245,7 +252,7 @@ def _term_of(module_name: str, module: nn.Module, tensor_name: str, model: nn.Mo
         return EMBEDDING
     if module is model.lm_head:
         return LM_HEAD
-    if isinstance(module, nn.Linear) and module_name.startswith(BLOCKS + "."):
+    if isinstance(module, nn.Linear) and module_name.startswith(model.layout.blocks + "."):
         return LINEAR_WEIGHTS if tensor_name == "weight" else LINEAR_EXTRAS
     return "other"
 
@@ -411,7 +418,9 @@ def memory_report(name_or_config: Union[str, Path, QwenConfig], bits: Optional[i
                                desc_act=desc_act)
     report = f"{title}\n"
     precision = {b: p for p, b in BITS_OF_PRECISION.items()}.get(bits)
-    comparable = published_model is not None and tokens == PUBLISHED_TOKENS
+    # Qwen published memory figures for v1's sizes only (published.SIZES).
+    figures = published_model is not None and bool(published_model.size.speed_memory)
+    comparable = figures and tokens == PUBLISHED_TOKENS
     if comparable and precision and (bits is None or group_size == 128):
         estimate.published_gpus = published_gpus(published_model.size.name, precision)
         report += format_memory_report(estimate, published_model.size.speed_memory[precision][1])
@@ -420,6 +429,8 @@ def memory_report(name_or_config: Union[str, Path, QwenConfig], bits: Optional[i
     if comparable:
         cells = [c for c in published_table() if c.size == published_model.size.name]
         report += f"\n\nAll precisions of Qwen-{published_model.size.name}:\n{format_published_table(cells)}"
+    elif published_model is not None and not figures:
+        report += f"\n\n{published_model.name}: no published figure (Qwen published memory figures for Qwen v1 only)"
     if measure:
         if folder is None:
             raise ValueError("measuring needs a local checkpoint folder, not a published name or a bare config")

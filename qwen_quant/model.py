@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import REAL_VOCAB, QwenConfig
+from .config import QwenConfig
 from .layout import BLOCKS, RESIDUAL_GROUP, Layout, layout_of
 from .loading import load_dequantized_weights, load_weights, open_checkpoint
 
@@ -40,16 +40,18 @@ def ntk_alpha(total_len: int, seq_length: int) -> float:
 class Rope:
     """Everything a block needs to know about positions for one forward call."""
 
-    cos: torch.Tensor  # [T, head_dim] fp32
+    cos: torch.Tensor  # [T, head_dim] fp32, or [B, T, head_dim] through the cache (each row its own positions)
     sin: torch.Tensor
-    logn: Optional[torch.Tensor]  # [T] fp32 query scale, or None when every factor is 1
-    positions: torch.Tensor  # [T] absolute positions of the queries
-    mask: Optional[torch.Tensor] = None  # additive [T, keys]: 0 attends, -inf not; None: plain causal over T keys
+    logn: Optional[torch.Tensor]  # [T] (or [B, T]) fp32 query scale, or None when every factor is 1
+    positions: torch.Tensor  # [T] absolute positions of the queries, or [B, T] each row's own (through the cache)
+    mask: Optional[torch.Tensor] = None  # additive [T, keys] (or [B, 1, T, keys]): 0 attends, -inf not; None: plain
+    # causal over T keys
     use_cache: bool = False  # write keys/values into the preallocated cache at positions and attend over all of it
 
     def at(self, positions: torch.Tensor, mask: torch.Tensor) -> "Rope":
-        """The rows of this table (made for positions 0, 1, ...) at `positions`, for a forward through the cache:
-        tensor indexing only, so a compiled decode step reads nothing on the host."""
+        """The rows of this table (made for positions 0, 1, ...) at `positions` ([T], or [B, T] for rows at positions
+        of their own), for a forward through the cache: tensor indexing only, so a compiled decode step reads nothing
+        on the host."""
         logn = None if self.logn is None else self.logn[positions]
         return Rope(self.cos[positions], self.sin[positions], logn, positions, mask, use_cache=True)
 
@@ -78,7 +80,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]
+    cos, sin = rope.cos.unsqueeze(-2), rope.sin.unsqueeze(-2)  # over the heads
     return (xf * cos).add_(rotated.mul_(sin)).type_as(x)  # in place: two temporaries of x's size, not four
 
 
@@ -94,8 +96,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+        """Write k, v [B, heads, T, head_dim] at positions [T] (every row's) or [B, T] (each row's own)."""
+        index = positions.expand(k.shape[0], -1)[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
         return self.k, self.v
 
 
@@ -144,7 +148,7 @@ class Attention(nn.Module):
             q, k = self._modules[self.qk_norms[0]](q), self._modules[self.qk_norms[1]](k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if rope.logn is not None:
-            q = (q.float() * rope.logn[:, None, None]).type_as(q)
+            q = (q.float() * rope.logn[..., None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope.use_cache:
             k, v = self.cache.update(rope.positions, k, v)
@@ -162,14 +166,39 @@ class Attention(nn.Module):
 
 def attention_mask(query_pos: torch.Tensor, key_len: int, window: Optional[int],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive [T, key_len] mask (0 = attend, -inf = not): causal, optionally limited to the last `window`
-    positions. Additive, not boolean: the CPU's bf16 attention kernel takes ten times longer with a boolean mask
-    (0.37 against 0.04 ms per decode step and layer on SmolLM2's shapes, measured)."""
+    """Additive [T, key_len] mask (0 = attend, -inf = not; [B, T, key_len] for query_pos [B, T]): causal,
+    optionally limited to the last `window` positions. Additive, not boolean: the CPU's bf16 attention kernel takes
+    ten times longer with a boolean mask (0.37 against 0.04 ms per decode step and layer on SmolLM2's shapes,
+    measured)."""
     key_pos = torch.arange(key_len, device=query_pos.device)
-    attend = key_pos[None, :] <= query_pos[:, None]
+    attend = key_pos <= query_pos[..., None]
     if window is not None:
-        attend &= key_pos[None, :] > query_pos[:, None] - window
+        attend &= key_pos > query_pos[..., None] - window
     return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
+
+
+def left_padding(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+    """Each row's count of left-padding slots [B] from generate's attention_mask (1 = token, 0 = padding, as
+    transformers'), checked: ids' shape, 0s and 1s only, the 0s before every 1, at least one token a row."""
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: they must agree")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold integers 0 (left padding) and 1 (token) only")
+    mask = mask.long()
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError("attention_mask must pad on the left: in each row every 0 comes before the first 1")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask has a row of padding only: every prompt needs at least one token")
+    return ids.shape[1] - mask.sum(1)
+
+
+def padding_to_the_right(ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Left-padded rows [B, T] with each row's tokens moved to its first columns and its pad[b] padding after them."""
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    return ids.gather(1, (columns + pad[:, None]) % ids.shape[1])
 
 
 class Block(nn.Module):
@@ -275,6 +304,9 @@ class QwenForCausalLM(nn.Module):
         self.cache_alpha = 1.0  # dynamic-NTK factor fixed at prefill for the cached keys
         self.cache_rope: Optional[Rope] = None  # rope of the cache's positions 0..cache_len-1, made at setup_cache
         self._compiled_step: Optional[Callable] = None  # compiled_decode_step's, made on first use
+        # The ids a tokenizer can give (None: every row); the rows past them are embedding padding, never sampled.
+        # The layout's default until loading counts the folder's tokenizer.json.
+        self.real_vocab: Optional[int] = layout.real_vocab
 
     @classmethod
     def from_pretrained(cls, path_or_name, dtype=None, device=None, backend: str = "auto",
@@ -306,11 +338,13 @@ class QwenForCausalLM(nn.Module):
         return ntk_alpha(total_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
 
     def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab_rows] as fp32 ([B, 1, vocab_rows] with last_only, all generation needs).
-        Without input_pos: a whole sequence from position 0, no cache. With input_pos ([T] positions, after
-        setup_cache): keys and values go into the cache there, and the queries attend over it; nothing in this path
-        reads a tensor on the host, so one decode step compiles whole (fullgraph) and captures as one CUDA graph."""
+                last_only: bool = False, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T, vocab_rows] as fp32 ([B, 1, vocab_rows] with last_only, all generation needs: the last
+        column's, or with lengths [B] each row's at its last token, column lengths[b] - 1).
+        Without input_pos: a whole sequence from position 0, no cache. With input_pos ([T] positions, or [B, T] each
+        row's own, after setup_cache): keys and values go into the cache there, and the queries attend over it;
+        nothing in this path reads a tensor on the host, so one decode step compiles whole (fullgraph) and captures
+        as one CUDA graph."""
         if input_pos is None:
             T = input_ids.shape[1]
             rope = make_rope(self.config, T, self.alpha_for(T), device=input_ids.device)
@@ -318,12 +352,14 @@ class QwenForCausalLM(nn.Module):
             if not self.cache_len:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache first")
             mask = attention_mask(input_pos, self.cache_len, self.config.local_window_size, self.dtype)
+            if input_pos.dim() == 2:  # each row's own positions: its mask over every head
+                mask = mask[:, None]
             rope = self.cache_rope.at(input_pos, mask)
         x = self.embedding(input_ids)
         for block in self.blocks:
             x = block(x, rope)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if lengths is None else x[torch.arange(x.shape[0], device=x.device), lengths - 1][:, None]
         return self.lm_head(self.final_norm(x)).float()
 
     def setup_cache(self, batch: int, max_len: int, prompt_len: int) -> None:
@@ -353,9 +389,17 @@ class QwenForCausalLM(nn.Module):
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, stop_ids: Sequence[int] = (), streamer: Optional[Callable] = None,
                  generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                 compile: bool = False) -> torch.Tensor:
+                 compile: bool = False, attention_mask=None) -> torch.Tensor:
         """Prompt [B, T] (or [T]) -> prompt plus new tokens. Greedy when temperature is 0.
 
+        Prompts of different lengths come left-padded with attention_mask [B, T] (1 = token, 0 = padding, as
+        transformers'; through the cache only). Each row's tokens fill the cache from slot 0 at their own positions,
+        its padding after them, where causal attention keeps it out and the row's new tokens overwrite it: a row's
+        keys lie where they lie alone (left padding in the cache moved them, and attention's sums rounded otherwise).
+        So greedy decoding gives a row its tokens alone wherever a linear's rows do not depend on the batch (fp32,
+        the Int4 kernels; not the CPU's dense bf16 GEMM, which rounds a row beside others otherwise, padded or not).
+        A row whose length takes another dynamic-NTK factor than T's is refused. A row that has produced a stop id
+        goes on with stop_ids[0]; the prompts come back as given, padding and all.
         Stops after max_new_tokens or when every row has produced one of stop_ids (the stop token is kept).
         `streamer(tokens)` is called with each new [B] tensor of tokens. use_cache=False recomputes the whole
         sequence at every step (slow; for checking the cache). compile=True runs each step after the prompt through
@@ -374,10 +418,17 @@ class QwenForCausalLM(nn.Module):
         out = [ids]
         if compile and not use_cache:
             raise ValueError("generate(compile=True) compiles the cached decode step: it needs use_cache=True")
+        lengths, aligned = torch.full((B,), T, device=self.device), ids  # each row's tokens, from column 0
+        if attention_mask is not None:
+            if not use_cache:
+                raise ValueError("generate(attention_mask=...) pads through the KV cache: it needs use_cache=True")
+            pad = left_padding(attention_mask, ids)
+            self.check_padded_ntk(pad, T)
+            lengths, aligned = T - pad, padding_to_the_right(ids, pad)
         if use_cache:
             self.setup_cache(B, cache_length(T + max_new_tokens, compile), T)
             step_logits = self.compiled_decode_step() if compile else self.decode_step
-            logits = self(ids, torch.arange(T, device=self.device), last_only=True)[:, -1]
+            logits = self(aligned, torch.arange(T, device=self.device), last_only=True, lengths=lengths)[:, -1]
         else:
             logits = self(ids, last_only=True)[:, -1]
         for step in range(max_new_tokens):
@@ -390,13 +441,25 @@ class QwenForCausalLM(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if use_cache:
-                logits = step_logits(token[:, None], torch.tensor([T + step], device=self.device))
+                logits = step_logits(token[:, None], (lengths + step)[:, None])  # each row's next position
             else:
                 logits = self(torch.cat(out, dim=1), last_only=True)[:, -1]
         return torch.cat(out, dim=1)
 
+    def check_padded_ntk(self, pad: torch.Tensor, width: int) -> None:
+        """A left-padded batch fixes one dynamic-NTK factor, its width's: a row whose own length takes another (a
+        prompt past seq_length with use_dynamic_ntk) must be generated apart, or it would compute something else.
+        logN needs no such rule: the cache's table scales each row at its own positions."""
+        for length in sorted(set((width - pad).tolist())):
+            own, padded = self.alpha_for(length), self.alpha_for(width)
+            if own != padded:
+                raise ValueError(f"a prompt of {length} tokens left-padded to {width} would take dynamic-NTK factor "
+                                 f"{padded}, not its own {own} (seq_length {self.config.seq_length}): generate it "
+                                 "apart from the longer prompts")
+
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One step through the cache: tokens [B, 1] at position input_pos [1] -> next-token logits [B, vocab_rows]."""
+        """One step through the cache: tokens [B, 1] at input_pos ([1], or [B, 1] each row's) -> the next logits
+        [B, vocab_rows]."""
         return self(token, input_pos)[:, -1]
 
     def compiled_decode_step(self) -> Callable:
@@ -415,9 +478,9 @@ class QwenForCausalLM(nn.Module):
 
     def sample(self, logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                generator: Optional[torch.Generator]) -> torch.Tensor:
-        if logits.shape[-1] > REAL_VOCAB:  # embedding padding rows are never tokens
+        if self.real_vocab is not None and logits.shape[-1] > self.real_vocab:  # padding rows are never tokens
             logits = logits.clone()
-            logits[:, REAL_VOCAB:] = float("-inf")
+            logits[:, self.real_vocab:] = float("-inf")
         if temperature <= 0:
             return logits.argmax(-1)
         logits = logits / temperature

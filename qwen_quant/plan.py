@@ -8,15 +8,13 @@ The time is the run's arithmetic (forwards of every block over nsamples x seqlen
 factorizations and updates) at this machine's measured matmul rate: a floor, as it leaves out Python overhead and
 memory-bound work.
 
-Before its first block, quantize() checks its arguments' types (`check_arguments`), its settings against the model
+Before its first block, quantize() has valid settings (settings.QuantizeSettings), checks them against the model
 (`check_settings`) and its plan against the machine (`check_plan`: disk, physical memory, the GPU's free memory);
 `qwen-quantize plan` (`plan_report`) makes the same checks but the disk's, so it refuses what a run would refuse.
 """
 import ctypes
 import functools
-import math
 import os
-import reprlib
 import resource
 import shutil
 import time
@@ -26,15 +24,14 @@ from typing import Optional, Union
 
 import torch
 
-from .calibration import SEED_RANGE
-from .config import QwenConfig, is_int, is_number, require_v1
+from .config import QwenConfig
 from .cpu import fast_bf16_matmul
-from .gptq import DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES
-from .layout import RESIDUAL_GROUP, TRUE_SEQUENTIAL_GROUPS, linear_shapes
+from .layout import RESIDUAL_GROUP, layout_of
 from .memory import MemoryEstimate, format_memory_report
-from .packing import check_bits, valid_group_size, values_per_period
+from .packing import values_per_period
 from .published import find_published
-from .tensor_parallel import check_tp, padded_ffn
+from .settings import QuantizeSettings, settings_of
+from .tensor_parallel import attention_of, check_tp, padded_ffn
 
 CHUNK_TOKENS = 2048  # token rows per forward step of a quantization run: bounds the temporary memory of a stage
 
@@ -149,12 +146,14 @@ def matmul_rate(dtype: torch.dtype, device: str) -> float:
 
 
 def quantized_block_bytes(config: QwenConfig, bits: int, group_size: int) -> int:
-    """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx, fp16 bias (every v1
-    linear carries one, see quantize.export_linear; plan covers v1 only); and the two fp16 norms."""
-    total = 2 * config.hidden_size * 2
-    for K, N, _ in linear_shapes(config).values():
+    """Bytes one block adds to the output: per linear qweight, qzeros, fp16 scales, int32 g_idx and an fp16 bias where
+    the export writes one (quantize.export_linear: on every v1 linear); and the fp16 norms (qwen3's q/k norms too)."""
+    layout = layout_of(config)
+    total = 2 * config.hidden_size * 2 + len(layout.qk_norms) * config.head_dim * 2
+    for K, N, bias in layout.linear_shapes(config).values():
         groups = -(-K // (K if group_size == -1 else group_size))
-        total += K * N * bits // 8 + groups * (N * bits // 32) * 4 + groups * N * 2 + K * 4 + N * 2
+        total += K * N * bits // 8 + groups * (N * bits // 32) * 4 + groups * N * 2 + K * 4
+        total += N * 2 if bias or layout.bias_on_every_linear else 0
     return total
 
 
@@ -173,8 +172,12 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     gptq = method == "gptq"
     T = nsamples * seqlen if gptq else 0
     rows = min(T, max(1, CHUNK_TOKENS // seqlen) * seqlen) if gptq else 0  # token rows of one forward chunk
-    linears = linear_shapes(config).values()
-    block_params = sum(K * N + (N if bias else 0) for K, N, bias in linears) + 2 * h
+    layout = layout_of(config)
+    shapes = layout.linear_shapes(config)
+    linears = shapes.values()
+    attention_width = config.num_attention_heads * config.head_dim  # the attention's output (h, but Qwen3-0.6B's)
+    block_params = (sum(K * N + (N if bias else 0) for K, N, bias in linears) + 2 * h
+                    + len(layout.qk_norms) * config.head_dim)
     largest_linear = max(K * N for K, N, _ in linears)
     cuda = device == "cuda"
     notes = {}
@@ -184,18 +187,18 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
         return name, nbytes
 
     streams = 2 if asym and gptq else 1
-    groups = [[linear_shapes(config)[path] for path in group] for group in TRUE_SEQUENTIAL_GROUPS]
+    groups = [[shapes[path] for path in group] for group in layout.groups]
 
     # (name, bytes, note) of the activation buffers a block holds at the GPTQ of group `stage`: one per stream
     # (the full-precision stream keeps its output), and the quantized stream's scratch for the attention's output
     # until c_proj is quantized.
     def activations(stage: int) -> tuple:
-        buffers = streams + (stage == RESIDUAL_GROUP - 1)
-        return ("calibration activations", buffers * T * h * act,
-                f"{buffers} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}: "
+        scratch = stage == RESIDUAL_GROUP - 1
+        return ("calibration activations", (streams * h + scratch * attention_width) * T * act,
+                f"{streams} x [{nsamples}, {seqlen}, {h}] {_name(dtype)}: "
                 + ("the quantized" if streams == 2 else "the") + " model's stream"
                 + (", the full-precision model's" if streams == 2 else "")
-                + (", the attention's output" if stage == RESIDUAL_GROUP - 1 else ""))
+                + (f"; [{nsamples}, {seqlen}, {attention_width}]: the attention's output" if scratch else ""))
 
     # The block's weights; with the full-precision stream, the originals of the `done` parameters quantized so far
     # that its block keeps (the two blocks share the others; its attention goes once added, the rest before the last
@@ -234,11 +237,14 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
             "chunk temporaries", rows * (per_row * ff + 4 * h) + streams * 4 * ff * ff,
             f"{rows} token rows of the MLP stage and the [{ff}, {ff}] fp32 Hessian accumulator"
             + (" (and the cross term's)" if streams == 2 else ""))])
-        # The attention stage's chunk: ln_1's output and the input's copy, c_attn's output, the rotated queries and
-        # keys, the attention's scores and output (compute dtype), beside the attention's output waiting in scratch.
-        moments.append([activations(RESIDUAL_GROUP - 1), weights(groups[0][0][0] * groups[0][0][1]),
-                        ("chunk temporaries", rows * compute * (9 * h + config.num_attention_heads * seqlen),
-                         f"{rows} token rows of the attention stage: c_attn's output, queries, keys, scores")])
+        # The attention stage's chunk: the first norm's output and the input's copy, the q/k/v outputs, the rotated
+        # queries and keys (as wide, counted as q/k/v again), the attention's scores and output (compute dtype),
+        # beside the attention's output waiting in scratch.
+        qkv_width = sum(N for _, N, _ in groups[0])
+        moments.append([activations(RESIDUAL_GROUP - 1), weights(sum(K * N for K, N, _ in groups[0])),
+                        ("chunk temporaries", rows * compute * (2 * h + 2 * qkv_width + attention_width
+                                                                + config.num_attention_heads * seqlen),
+                         f"{rows} token rows of the attention stage: q/k/v outputs, queries, keys, scores")])
         block_device = dict(term(*t) for t in max(moments, key=lambda terms: sum(t[1] for t in terms)))
     else:
         block_device = dict([term(*weights(0)), term("RTN working copies", 4 * 4 * largest_linear,
@@ -252,7 +258,7 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
     device_phases = {"calibration embedding": embed_device if gptq else {}, "a block": block_device}
 
     baseline = term("interpreter, torch, libraries", baseline_bytes, "this process's RSS before the run")
-    wte = term("embedding read", V * h * ckpt, f"wte [{V}, {h}] {_name(config.dtype)} read from the checkpoint")
+    wte = term("embedding read", V * h * ckpt, f"[{V}, {h}] {_name(config.dtype)} read from the checkpoint")
     host_base = dict([baseline])
     if cuda:
         host_base.update([term("CUDA runtime", CUDA_RUNTIME_HOST_BYTES, "driver and kernel images in RSS")])
@@ -276,9 +282,11 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
                    "export": export_host}
 
     blocks = L * quantized_block_bytes(config, bits, group_size)
-    output = blocks + 2 * V * h * 2 + h * 2
+    heads = 1 if config.tie_word_embeddings else 2  # a tied head is the embedding: written once
+    output = blocks + heads * V * h * 2 + h * 2
     disk = dict([term("finished blocks", blocks, f"{L} blocks in OUTPUT.partial/blocks until the end"),
-                 term("output checkpoint", output, "fp16 embedding and lm_head, packed blocks"),
+                 term("output checkpoint", output, "fp16 embedding" + (" (the tied head)" if heads == 1 else
+                                                                        " and lm_head") + ", packed blocks"),
                  term("shard being written", min(output, max_shard_bytes),
                       "a shard's temporary file beside its final copy")])
     return device_phases, host_phases, disk, notes
@@ -287,44 +295,55 @@ def quantization_terms(config: QwenConfig, bits: int, group_size: int, nsamples:
 def run_flops(config: QwenConfig, nsamples: int, seqlen: int, method: str = "gptq", asym: bool = False,
               refine_passes: int = 0) -> dict:
     """(FLOPs in the compute dtype, FLOPs in fp32) of the run: forwards, Hessians, GPTQ and its RTN comparison."""
-    h, ff, L = config.hidden_size, config.ffn_size, config.num_hidden_layers
-    linears = linear_shapes(config).values()
+    L, layout = config.num_hidden_layers, layout_of(config)
+    shapes = layout.linear_shapes(config)
+    linears = shapes.values()
     rtn_loss = sum(2 * N * K * K for K, N, _ in linears)  # (W - Q) @ H for the loss of each method
     if method != "gptq":
         return {"calibration forwards": 0, "Hessians": 0, "GPTQ": 0, "loss": 0}
     T = nsamples * seqlen
-    # Every linear once in its stage, w1 / w2 again for the block's output; causal attention.
-    forwards = 2 * T * (4 * h * h + 5 * h * ff) + 2 * T * seqlen * h
-    # The full-precision block's stages: its output comes with its MLP's hidden activations, no w1 / w2 again.
-    fp_forwards = 2 * T * (4 * h * h + 3 * h * ff) + 2 * T * seqlen * h
-    # The upper triangle of x^T x in HESSIAN_BANDS row bands: (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
-    hessians = 2 * T * 0.625 * (3 * h * h + ff * ff)
+
+    def products(groups) -> int:  # multiply-adds per token of the linears of these groups
+        return sum(shapes[path][0] * shapes[path][1] for group in groups for path in group)
+
+    # Every linear once in its stage, gate / up again for the block's output; causal attention over the heads' width.
+    block, gate_up = products(layout.groups), products(layout.groups[RESIDUAL_GROUP:RESIDUAL_GROUP + 1])
+    attention = 2 * T * seqlen * config.num_attention_heads * config.head_dim
+    forwards = 2 * T * (block + gate_up) + attention
+    # The full-precision block's stages: its output comes with its MLP's hidden activations, no gate / up again.
+    fp_forwards = 2 * T * block + attention
+    # One Hessian per group (its linears share the input), the upper triangle of x^T x in HESSIAN_BANDS row bands:
+    # (1 + 3/4 + 1/2 + 1/4) / 4 of K^2 per token.
+    squares = sum(shapes[group[0]][0] ** 2 for group in layout.groups)
+    hessians = 2 * T * 0.625 * squares
     # Cholesky, inverse and the inverse's factor (about 4/3 K^3), and the lazy updates (N K^2).
     solve = sum(4 * K**3 // 3 + N * K * K for K, N, _ in linears)
     if refine_passes:  # per pass a fit of the scales (goal @ H and half of N K^2) and a sweep (N K^2); one more fit
         solve += sum(2 * N * K * K * (refine_passes + 1.5 * (refine_passes + 1)) for K, N, _ in linears)
     if asym:  # the full-precision block's forwards, the full [K, K] cross terms, the shift W C H^-1 and the loss
         forwards += fp_forwards
-        hessians += 2 * T * (3 * h * h + ff * ff)
+        hessians += 2 * T * squares
         solve += sum(4 * N * K * K for K, N, _ in linears)
     return {"calibration forwards": L * forwards, "Hessians": L * hessians, "GPTQ": L * solve, "loss": L * rtn_loss}
 
 
-def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, nsamples: int = 128,
-                      seqlen: int = 2048, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                      method: str = "gptq", tokenizer: bool = True, max_shard_bytes: int = 4 * 10**9,
-                      baseline_bytes: Optional[int] = None,
-                      asym_calibration: float = DEFAULT_ASYM_ALPHA,
-                      refine_passes: int = DEFAULT_REFINE_PASSES) -> QuantPlan:
-    """The plan of quantize() for `config` with these settings. dtype: the compute dtype (default: quantize()'s
-    choice). baseline_bytes: the RSS the run starts from (default: this process's now)."""
+def plan_quantization(config: QwenConfig, settings: Optional[QuantizeSettings] = None, device: str = "cpu",
+                      dtype: Optional[torch.dtype] = None, tokenizer: bool = True,
+                      baseline_bytes: Optional[int] = None, **options) -> QuantPlan:
+    """The plan of quantize() for `config` with these settings (or their options by name, as quantize() takes them).
+    dtype: the compute dtype (default: quantize()'s choice). baseline_bytes: the RSS the run starts from (default:
+    this process's now)."""
+    settings = settings_of(settings, options)
+    bits, group_size, nsamples, seqlen, method = (settings.bits, settings.group_size, settings.nsamples,
+                                                  settings.seqlen, settings.method)
+    asym_calibration, refine_passes = settings.asym_calibration, settings.refine_passes
     device = torch.device(device).type
     if dtype is None:
         dtype = torch.float32 if device == "cpu" and config.dtype == torch.float16 else config.dtype
     baseline = process_rss_bytes() if baseline_bytes is None else baseline_bytes
     device_phases, host_phases, disk, notes = quantization_terms(config, bits, group_size, nsamples, seqlen, device,
-                                                                 dtype, method, tokenizer, max_shard_bytes, baseline,
-                                                                 asym=bool(asym_calibration),
+                                                                 dtype, method, tokenizer, settings.max_shard_bytes,
+                                                                 baseline, asym=bool(asym_calibration),
                                                                  refine=bool(refine_passes))
 
     def widest(phases, what):
@@ -332,8 +351,8 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
         terms = phases[name]
         return MemoryEstimate(f"{what}, widest during {name}", terms, {t: notes[t] for t in terms})
 
-    settings = (f"{method.upper()} {bits}-bit g{group_size}, {nsamples} x {seqlen} calibration tokens, "
-                f"{_name(dtype)} on {device}")
+    description = (f"{method.upper()} {bits}-bit g{group_size}, {nsamples} x {seqlen} calibration tokens, "
+                   f"{_name(dtype)} on {device}")
     flops = run_flops(config, nsamples, seqlen, method, asym=bool(asym_calibration), refine_passes=refine_passes)
     rates = {}
     if device != "cuda" or torch.cuda.is_available():
@@ -348,7 +367,7 @@ def plan_quantization(config: QwenConfig, bits: int = 4, group_size: int = 128, 
         seconds = {}
     phases = {f"{side}: {p}": sum(t.values()) for side, ph in (("device", device_phases), ("host", host_phases))
               for p, t in ph.items()}
-    return QuantPlan(settings, device, widest(device_phases, f"peak {device} memory"),
+    return QuantPlan(description, device, widest(device_phases, f"peak {device} memory"),
                      widest(host_phases, "peak host memory (RSS)"),
                      MemoryEstimate("output disk at its fullest", disk, {t: notes[t] for t in disk}),
                      seconds, rates, phases)
@@ -379,47 +398,10 @@ def plan_totals(plan: QuantPlan) -> str:
             f"{plan.disk.total / 1e9:.2f} GB of disk, about {plan.seconds:.0f} s of arithmetic")
 
 
-# quantize()'s and plan_report()'s arguments by kind: whole numbers with their range (least, most), or None where
-# a later rule knows the values; finite numbers with theirs; flags. tp and group_act_order may also be None.
-# (damp_percent, desc_act, static_groups and sym are QuantConfig's fields: its own rules check them.)
-WHOLE_ARGUMENTS = {"bits": None, "group_size": None, "tp": None, "nsamples": (1, math.inf), "seqlen": (1, math.inf),
-                   "seed": (SEED_RANGE[0], SEED_RANGE[1] - 1), "refine_passes": (0, math.inf)}
-NUMBER_ARGUMENTS = {"asym_calibration": (0, 1), "max_shard_bytes": (1, math.inf)}
-FLAG_ARGUMENTS = ("mse", "resume", "overwrite", "input_scaling", "progress", "group_act_order")
-OPTIONAL_ARGUMENTS = ("tp", "group_act_order")
-METHODS = ("gptq", "rtn")
-
-
-def check_arguments(bits, group_size, method, **arguments) -> None:
-    """Types before values, before any file is read: each of quantize()'s and plan_report()'s arguments by name (True
-    is not 1, 2.0 is not 2, "2" is not 2), then the values of bits, group_size and method, as a ValueError naming the
-    argument."""
-    for name, value in {"bits": bits, "group_size": group_size, **arguments}.items():
-        if value is None and name in OPTIONAL_ARGUMENTS:
-            continue
-        if name in FLAG_ARGUMENTS:
-            valid, wanted = isinstance(value, bool), "True or False"
-        else:
-            whole = name in WHOLE_ARGUMENTS
-            least, most = (WHOLE_ARGUMENTS if whole else NUMBER_ARGUMENTS)[name] or (-math.inf, math.inf)
-            typed = is_int(value) if whole else is_number(value)  # config's rules: True is not 1, NaN no number
-            valid = typed and least <= value <= most
-            wanted = ("a whole number" if whole else "a finite number") + (
-                "" if least == -math.inf else f" >= {least}" if most == math.inf else f" in [{least}, {most}]")
-        if not valid:
-            raise ValueError(f"{name} must be {wanted}{' or None' * (name in OPTIONAL_ARGUMENTS)}, "
-                             f"got {reprlib.repr(value)}")
-    check_bits(bits)
-    if not valid_group_size(group_size):
-        raise ValueError(f"group size {group_size} must be positive or -1 (per channel)")
-    if method not in METHODS:
-        raise ValueError(f"method {reprlib.repr(method)} is not one of {METHODS}")
-
-
 def check_settings(config: QwenConfig, source, bits: int, group_size: int, method: str, seqlen: int,
                    tp: Optional[int] = None) -> QwenConfig:
-    """The run's settings (check_arguments passed) against its model, as quantize() and `qwen-quantize plan` check
-    them before anything else. Returns the output's config: the source's, with the MLP width grown for tp
+    """The run's settings (a QuantizeSettings, valid once made) against its model, as quantize() and `qwen-quantize
+    plan` check them before anything else. Returns the output's config: the source's, with the MLP width grown for tp
     (tensor_parallel.padded_ffn)."""
     if config.quantization_config is not None:
         raise ValueError(f"{source} is already quantized ({config.quantization_config.bits}-bit)")
@@ -428,10 +410,12 @@ def check_settings(config: QwenConfig, source, bits: int, group_size: int, metho
                          f"{config.max_position_embeddings}: lower --seqlen")
     out_config = QwenConfig.from_dict(config.to_dict())
     if tp is not None:
-        check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size)
-        out_config.intermediate_size = 2 * padded_ffn(config.ffn_size, group_size, tp)
+        check_tp(tp, config.hidden_size, config.num_attention_heads, bits, group_size, **attention_of(config))
+        # config.json's intermediate_size per unit of MLP width, by QwenConfig.ffn_size's rule: v1 2, the later 1.
+        per_width = config.intermediate_size // config.ffn_size
+        out_config.intermediate_size = per_width * padded_ffn(config.ffn_size, group_size, tp)
     word = values_per_period(bits)[0]
-    for name, (k, _, _) in linear_shapes(out_config).items():
+    for name, (k, _, _) in layout_of(out_config).linear_shapes(out_config).items():
         if k % word:
             raise ValueError(f"{name} has {k} inputs: {bits}-bit packing needs a multiple of {word}")
     return out_config
@@ -478,26 +462,25 @@ def check_plan(plan: QuantPlan, output: Path, device: torch.device, reusable_byt
     check_memory(plan, device)
 
 
-def plan_report(name_or_folder: Union[str, Path, QwenConfig], bits: int = 4, group_size: int = 128,
-                nsamples: int = 128, seqlen: int = 2048, device: str = "cpu", method: str = "gptq",
-                tp: Optional[int] = None) -> str:
-    """The `qwen-quantize plan` report for a published name (no download), a folder with config.json, or a config;
-    refused, as quantize() would refuse the run, when the settings do not fit the model or the plan this machine's
-    memory (or, on a machine with a GPU, its free memory)."""
-    check_arguments(bits, group_size, method, nsamples=nsamples, seqlen=seqlen, tp=tp)
+def plan_report(name_or_folder: Union[str, Path, QwenConfig], settings: Optional[QuantizeSettings] = None, *,
+                device: str = "cpu", **options) -> str:
+    """The `qwen-quantize plan` report for a published name (no download), a folder with config.json, or a config,
+    with these settings (or their options by name); refused, as quantize() would refuse the run, when the settings
+    do not fit the model or the plan this machine's memory (or, on a machine with a GPU, its free memory)."""
+    settings = settings_of(settings, options)
     if isinstance(name_or_folder, QwenConfig):
         config, title = name_or_folder, "config"
     elif (published := find_published(str(name_or_folder))) is not None:
         config, title = published.size.config(), published.name
         if published.precision != "bf16":
             raise ValueError(f"{published.name} is already quantized: plan its full-precision model "
-                             f"(Qwen-{published.size.name}-Chat)")
+                             f"({published.chat_model.name})")
     else:
         folder = Path(name_or_folder).expanduser()
         config, title = QwenConfig.from_file(folder), str(folder)
-    require_v1(config, "planning the quantization of")
-    out_config = check_settings(config, title, bits, group_size, method, seqlen, tp)
-    plan = plan_quantization(out_config, bits, group_size, nsamples, seqlen, device, method=method)
+    out_config = check_settings(config, title, settings.bits, settings.group_size, settings.method, settings.seqlen,
+                                settings.tp)
+    plan = plan_quantization(out_config, settings, device)
     # This machine's memory always; the GPU's free memory where there is a GPU to ask.
     check_memory(plan, torch.device(device if torch.cuda.is_available() else "cpu"))
     return format_plan(plan, title)

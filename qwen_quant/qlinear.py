@@ -631,8 +631,11 @@ def cpu_prefill_rows(module: QuantLinear) -> float:
 
 def cpu_prefill_route(module: QuantLinear, rows: int) -> Optional[torch.dtype]:
     """The dtype of the tiles a prompt of `rows` rows runs through this cpu-backend module (bf16 on CPUs with fast
-    bf16 matmuls, else fp32), or None where its kernel runs it (see cpu_prefill_rows)."""
-    return _prefill_dtype() if rows >= 2 and rows >= cpu_prefill_rows(module) else None
+    bf16 matmuls, else fp32), or None where its kernel runs it (see cpu_prefill_rows). A compiled step (a batch's
+    decode) always runs the kernel: the crossover's one-time measurement cannot run inside torch.compile."""
+    if rows < 2 or torch.compiler.is_compiling():
+        return None
+    return _prefill_dtype() if rows >= cpu_prefill_rows(module) else None
 
 
 def _prefill_dtype() -> torch.dtype:

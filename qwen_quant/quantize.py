@@ -22,19 +22,19 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .checkpoint import WeightReader, copy_side_files, resolve_model_path, write_shards
-from .config import QuantConfig, QwenConfig, require_v1
+from .config import QuantConfig, QwenConfig
 from .finite import SLICE_ELEMENTS, all_finite
-from .gptq import (DEFAULT_ASYM_ALPHA, DEFAULT_REFINE_PASSES, HessianAccumulator, check_group_act_order,
-                   gptq_quantize, input_scales, rtn_quantize)
+from .gptq import HessianAccumulator, gptq_quantize, input_scales, rtn_quantize
 from .layout import GPTQ_PACKED, GPTQ_TENSORS, Layout, layout_of
 from .loading import check_tensors, fill_module
 from .model import Block, make_rope, ntk_alpha
 from .output_folder import MODEL_CARD_MARK, WorkFolder, check_output, filesystem_errors, finished_block_bytes
 from .packing import dequantize, pack_qweight, pack_qzeros
-from .plan import (CHUNK_TOKENS, block_compute_dtype, check_arguments, check_plan, check_settings, peak_rss_bytes,
-                   plan_quantization, plan_totals, return_freed_tensors_to_os)
+from .plan import (CHUNK_TOKENS, block_compute_dtype, check_plan, check_settings, peak_rss_bytes, plan_quantization,
+                   plan_totals, return_freed_tensors_to_os)
 from .published import find_published
-from .tensor_parallel import pad_mlp, tp_summary
+from .settings import QuantizeSettings, check_arguments, settings_of
+from .tensor_parallel import attention_of, pad_mlp, tp_summary
 
 log = logging.getLogger("qwen_quant")
 FP16_MAX = torch.finfo(torch.float16).max
@@ -74,8 +74,7 @@ class BlockReport:
 @dataclass
 class QuantizeReport:
     output: Path
-    quant: QuantConfig
-    method: str
+    settings: QuantizeSettings
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)  # BlockReport of each block, without its results
     seconds: float = 0.0
@@ -85,78 +84,54 @@ class QuantizeReport:
     peak_cuda_bytes: int = 0
     output_bytes: int = 0
     resumed_blocks: int = 0
-    calibration: str = ""
-    options: dict = field(default_factory=dict)  # the quantizer's options beyond the published format's settings
     notes: list = field(default_factory=list)  # what the folder can and cannot be used for (TP degree, auto_map)
 
 
-def default_output_name(model_path, folder: Path, bits: int) -> str:
-    """Qwen's naming: Qwen-14B-Chat -> Qwen-14B-Chat-Int4 (the Hub folder name for a published model)."""
+def default_output_name(model_path, folder: Path, bits: int, layout: Layout) -> str:
+    """Qwen's naming, the layout's suffix after the model's name (the Hub folder name for a published model):
+    Qwen-14B-Chat -> Qwen-14B-Chat-Int4, Qwen2.5-7B-Instruct -> Qwen2.5-7B-Instruct-GPTQ-Int4."""
     published = find_published(str(model_path))
     base = published.repo_id.split("/")[1] if published else folder.name
-    return f"{base}-Int{bits}"
+    return base + layout.quantized_suffix.format(bits=bits)
 
 
 @filesystem_errors
-def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, desc_act: bool = False,
-             sym: bool = True, damp_percent: float = 0.01, static_groups: bool = False, calibration="c4",
-             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device=None, method: str = "gptq",
-             resume: bool = False, overwrite: bool = False, max_shard_bytes: int = 4 * 10**9,
-             mse: bool = True, progress: bool = True, tp: Optional[int] = None,
+def quantize(model_path, output_dir=None, settings: Optional[QuantizeSettings] = None, *, device=None,
+             resume: bool = False, overwrite: bool = False, progress: bool = True,
              on_block: Optional[Callable[[BlockReport], None]] = None, hub: Optional[str] = None,
-             asym_calibration: float = DEFAULT_ASYM_ALPHA, group_act_order: Optional[bool] = None,
-             input_scaling: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES) -> QuantizeReport:
+             **options) -> QuantizeReport:
     """Quantize the checkpoint at model_path (a folder or a published name) and write it to output_dir.
 
-    tp: pad the MLP width so that vLLM can split the output over tp GPUs (tensor_parallel.padded_ffn).
+    settings: the method's options (settings.QuantizeSettings says what each does), or instead those options by
+    name (bits=4, method="rtn", ...), the others at their defaults. The run's own arguments:
     hub: where a published name is downloaded from (checkpoint.resolve_model_path).
-    asym_calibration: alpha of GPTQ's asymmetric calibration (gptq_quantize's asym_cross), 0 for none: the
-    full-precision model's activations are carried beside the quantized model's (twice the activation memory and
-    forwards).
-    input_scaling: scale the inputs of the linears after the block's two norms per channel (gptq.input_scales), folded
-    into the norms' weights.
-    refine_passes: rounds of gptq.refine after GPTQ's sweep (least-squares scales, then each code re-chosen), 0
-    for none; they change only the values written.
-    group_act_order: act-order of whole groups (gptq_quantize's), which keeps the checkpoint free of act-order's
-    run-time cost; None (the default): on for GPTQ with groups and without desc_act / static_groups (measured in
-    benchmarks/RESULTS.md, "Quality ablation").
     on_block(block_report) is called after each block is saved (or resumed), with its index, timings, layer reports
     and, during the call only, the quantizer's results.
     resume: continue a killed run from the work folder beside the output. Other settings or calibration tokens are
     an error; a finished block is reused only while the source content it was made from (its weights, the blocks'
     before it and the embedding) is unchanged, else it and every later block are quantized again, with a warning.
-    Every argument's type is checked before any file is read (plan.check_arguments, and QuantConfig's own rules).
+    Every argument is checked before any file is read (the settings when they are made, the run's flags here).
     """
     start = time.time()
-    check_arguments(bits, group_size, method, nsamples=nsamples, seqlen=seqlen, seed=seed, resume=resume,
-                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, mse=mse, progress=progress, tp=tp,
-                    asym_calibration=asym_calibration, group_act_order=group_act_order, input_scaling=input_scaling,
-                    refine_passes=refine_passes)
-    # Qwen's files are v1 ("gptq"), which stores zero - 1 and so cannot hold the zero point 0 of an asymmetric grid.
-    quant = QuantConfig(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
-                        static_groups=static_groups, sym=sym, checkpoint_format="gptq" if sym else "gptq_v2")
-    refine_passes = refine_passes if method == "gptq" else 0  # refine needs GPTQ's Hessian
-    if group_act_order is None:
-        group_act_order = method == "gptq" and group_size != -1 and not (desc_act or static_groups)
-    check_group_act_order(group_act_order, desc_act, static_groups, group_size)
+    settings = settings_of(settings, options)
+    check_arguments(resume=resume, overwrite=overwrite, progress=progress)
+    quant, method = settings.quant_config(), settings.method
+    log.info(f"quantizing {model_path}: {settings.description()}")
     folder = resolve_model_path(model_path, hub)
     config = QwenConfig.from_file(folder)
     layout = layout_of(config)
-    if tp is not None:
-        require_v1(config, "--tp (splitting grouped-query attention's kv heads over GPUs) for")
-    output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, bits))
+    output = Path(output_dir) if output_dir else Path(default_output_name(model_path, folder, settings.bits, layout))
     work_path = check_output(output, folder, overwrite)
     # The output's config: the source's, with the MLP width grown for --tp (the weights are padded as they are read).
-    out_config = check_settings(config, folder, bits, group_size, method, seqlen, tp)
+    out_config = check_settings(config, folder, settings.bits, settings.group_size, method, settings.seqlen,
+                                settings.tp)
     reader = WeightReader(folder)
     check_tensors(reader, config)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = config.dtype if not (device.type == "cpu" and config.dtype == torch.float16) else torch.float32
     compute_dtype = block_compute_dtype(device, dtype)
-    plan = plan_quantization(out_config, bits, group_size, nsamples, seqlen, device.type, dtype, method,
-                             tokenizer=(folder / "qwen.tiktoken").is_file(), max_shard_bytes=max_shard_bytes,
-                             asym_calibration=asym_calibration, refine_passes=refine_passes)
+    plan = plan_quantization(out_config, settings, device.type, dtype, tokenizer=(folder / "qwen.tiktoken").is_file())
     # A fresh run clears the work folder; a resumed one keeps its finished blocks.
     check_plan(plan, output, device, reusable_bytes=finished_block_bytes(work_path) if resume else 0)
     log.info(plan_totals(plan))
@@ -166,30 +141,24 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
     # Every check that can be made before the first write is made: a refused run leaves nothing behind, and one that
     # fails from here on leaves only finished blocks to resume (WorkFolder's context).
     with WorkFolder(work_path, resume) as work:
-        report = QuantizeReport(output=output, quant=quant, method=method, calibration=str(calibration),
-                                options={"mse": mse, "group_act_order": group_act_order,
-                                         "asym_calibration": asym_calibration, "input_scaling": input_scaling,
-                                         "refine_passes": refine_passes})
+        report = QuantizeReport(output=output, settings=settings)
 
         hidden = rope = tokens_digest = None
         key = ""  # the content read so far, which the next block's output depends on (read_keyed)
         if method == "gptq":
             calibration_start = time.perf_counter()
             (hidden, tokens_digest), key = read_keyed(reader, key, lambda: embed_calibration(
-                folder, reader, config, layout, calibration, nsamples, seqlen, seed, dtype, device))
+                folder, reader, config, layout, settings, dtype, device))
             report.calibration_s = time.perf_counter() - calibration_start
+            seqlen = settings.seqlen
             rope = make_rope(config, seqlen, ntk_alpha(seqlen, config.seq_length) if config.use_dynamic_ntk else 1.0,
                              device=device)
         # The full-precision model's activations, for asymmetric calibration.
-        fp_hidden = hidden.clone() if hidden is not None and asym_calibration else None
+        fp_hidden = hidden.clone() if hidden is not None and settings.asym_calibration else None
         # Resume is keyed by content, not paths: the calibration tokens and the weights' layout here; each block's
         # file holds the key of the source content it was made from.
-        settings = {"quant": asdict(quant), "method": method, "calibration_tokens_sha256": tokens_digest,
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "mse": mse, "tp": tp,
-                    "asym_calibration": asym_calibration, "group_act_order": group_act_order,
-                    "input_scaling": input_scaling, "refine_passes": refine_passes, "config": config.to_dict(),
-                    "weights_sha256": reader.fingerprint()}
-        work.start(settings)
+        work.start({**settings.key(), "calibration_tokens_sha256": tokens_digest, "config": config.to_dict(),
+                    "weights_sha256": reader.fingerprint()})
         bar = tqdm(range(config.num_hidden_layers), desc="quantizing", unit="block", disable=not progress)
         for i in bar:
             prefix = layout.block_prefix(i)
@@ -199,7 +168,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                 block = Block(config)
             key = read_keyed(reader, key, lambda: fill_module(block, reader, prefix, compute_dtype, device))[1]
             if out_config.ffn_size != config.ffn_size:
-                pad_mlp(block.mlp, out_config.ffn_size)
+                pad_mlp(block.get_submodule(layout.down.rpartition(".")[0]), out_config.ffn_size, layout)
             timings.read_s = clock(device) - block_start
             saved = work.load_block(i, key)
             if saved is not None:  # done before the run was killed: reuse its tensors, recompute its outputs
@@ -210,7 +179,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                     run_block(block, fp_hidden, rope)
                 for path in layout.linears:
                     set_dequantized(block.get_submodule(path), saved[0], prefix + path, quant, compute_dtype)
-                if input_scaling:  # the norms hold the scales' inverses
+                if settings.input_scaling:  # the norms hold the scales' inverses
                     for norm in layout.norms:
                         block.get_submodule(norm).weight.copy_(saved[0][f"{prefix}{norm}.weight"])
                 if hidden is not None:
@@ -218,8 +187,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
                     run_block(block, hidden, rope)
                     timings.forward_s = clock(device) - step_start
             else:
-                tensors = quantize_block(block, prefix, hidden, rope, quant, method, mse, bar, timings, fp_hidden,
-                                         asym_calibration, group_act_order, input_scaling, refine_passes)
+                tensors = quantize_block(block, prefix, hidden, rope, settings, bar, timings, fp_hidden)
                 step_start = clock(device)
                 work.save_block(i, tensors, [asdict(r) for r in timings.layers], key)
                 timings.write_s = clock(device) - step_start
@@ -243,7 +211,8 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             shutil.rmtree(out)
         out.mkdir()
         export_start = time.perf_counter()
-        report.output_bytes = write_shards(exported_tensors(reader, config, layout, work), out, max_shard_bytes)
+        report.output_bytes = write_shards(exported_tensors(reader, config, layout, work), out,
+                                           settings.max_shard_bytes)
         report.export_s = time.perf_counter() - export_start
         out_config.torch_dtype = "float16"
         out_config.quantization_config = quant
@@ -252,8 +221,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
             (out / "quantize_config.json").write_text(json.dumps(quant.to_dict(), indent=2) + "\n")
         out_config.save(out)
         copy_side_files(folder, out)
-        if layout.remote_code:  # tensor_parallel's rules are v1's (no kv heads): no note rather than a wrong one
-            report.notes.append(tp_summary(config, out_config, quant, tp))
+        report.notes.append(tp_summary(config, out_config, quant, settings.tp, attention_of(out_config)))
         if layout.remote_code and "auto_map" not in config.extra:
             report.notes.append(f"{folder / 'config.json'} has no auto_map, so neither has the output: transformers "
                                 "cannot load it with trust_remote_code (add Qwen's auto_map and remote code to use it)")
@@ -261,7 +229,7 @@ def quantize(model_path, output_dir=None, bits: int = 4, group_size: int = 128, 
         report.peak_rss_bytes = peak_rss_bytes()
         if device.type == "cuda":
             report.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
-        (out / "README.md").write_text(model_card(report, folder, settings), encoding="utf-8")
+        (out / "README.md").write_text(model_card(report, folder), encoding="utf-8")
         work.publish(out, output, overwrite)  # a folder replaced by --overwrite goes only once this one is complete
         return report
 
@@ -283,12 +251,13 @@ def unquantized_tensors(layout: Layout, reader: WeightReader) -> list:
     return [name for name in (layout.embedding, layout.final_norm, layout.lm_head) if name in reader]
 
 
-def embed_calibration(folder, reader, config, layout, calibration, nsamples, seqlen, seed, dtype, device) -> tuple:
+def embed_calibration(folder, reader, config, layout, settings: QuantizeSettings, dtype, device) -> tuple:
     """Calibration windows -> embeddings [nsamples, seqlen, hidden] in the compute dtype, and the tokens' sha256."""
     from .calibration import get_calibration_data
     from .tokenizer import load_tokenizer
 
-    tokens = get_calibration_data(calibration, load_tokenizer(folder), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    tokens = get_calibration_data(settings.calibration, load_tokenizer(folder), nsamples=settings.nsamples,
+                                  seqlen=settings.seqlen, seed=settings.seed)
     if int(tokens.max()) >= config.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the "
                          f"model's vocabulary of {config.vocab_size}")
@@ -348,9 +317,8 @@ def clock(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, method: str, mse: bool, bar,
-                   timings: BlockReport, fp_hidden=None, asym_calibration: float = 0.0,
-                   group_act_order: bool = False, input_scaling: bool = False, refine_passes: int = 0) -> dict:
+def quantize_block(block: Block, prefix: str, hidden, rope, settings: QuantizeSettings, bar, timings: BlockReport,
+                   fp_hidden=None) -> dict:
     """Quantize one block in place (its linears get their dequantized weights); `hidden` becomes its output.
 
     Returns the block's tensors to save; its layer reports, results and the time of each step go into `timings`.
@@ -362,7 +330,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
     it adds attention chunk by chunk at once and gives its output with the last group's inputs (its MLP's hidden
     activations are at hand then).
     """
-    layout = block.layout
+    layout, quant, mse = block.layout, settings.quant_config(), settings.mse
     # The norms (and qwen3's q/k norms) are written unquantized; input scaling replaces the block norms' entries.
     tensors = {prefix + n: to_fp16(block.get_parameter(n), prefix + n)
                for n in (f"{norm}.weight" for norm in layout.norms + layout.qk_norms)}
@@ -372,18 +340,19 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
         H = hessian.hessian if hessian is not None else None
         # alpha C in place: the accumulator is done with, and a scaled copy would be one more [K, K] at GPTQ's peak.
         if hessian is not None and hessian.cross is not None:
-            hessian.cross.mul_(asym_calibration)
+            hessian.cross.mul_(settings.asym_calibration)
         for i, path in enumerate(paths):
             bar.set_postfix_str(path)
             t0 = clock(device)
             name = prefix + path
             linear = block.get_submodule(path)
             w = linear.weight.float()
-            if method == "gptq":
+            if settings.method == "gptq":
                 result = gptq_quantize(w, H, quant.bits, quant.group_size, quant.sym, quant.desc_act,
                                        quant.static_groups, quant.damp_percent, mse=mse, asym_cross=hessian.cross,
                                        free_cross=i == len(paths) - 1,  # the group's last layer frees C once used
-                                       group_act_order=group_act_order, refine_passes=refine_passes, name=name)
+                                       group_act_order=settings.group_act_order,
+                                       refine_passes=settings.refine_passes, name=name)
                 # The baseline every paper reports: plain round-to-nearest on the min/max grid.
                 rtn_loss = rtn_quantize(w, quant.bits, quant.group_size, quant.sym, mse=False, hessian=H).loss
             else:
@@ -397,7 +366,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             timings.layers.append(LayerReport(name, tuple(w.shape), hessian.nsamples if hessian else 0, result.loss,
                                               rtn_loss, result.damp, seconds))
 
-    if method == "rtn":
+    if settings.method == "rtn":
         quantize_group(layout.linears, None)
         return tensors
 
@@ -439,7 +408,7 @@ def quantize_block(block: Block, prefix: str, hidden, rope, quant: QuantConfig, 
             setattr(fp_block, layout.attention, None)  # spent: the full-precision stream has added attention
         if last:  # the full-precision stream has its output: free it before the last GPTQ
             fp_block = fp_scratch = fp_attended = None
-        if input_scaling and group in layout.norm_before:
+        if settings.input_scaling and group in layout.norm_before:
             scale_inputs(block, group, layout.norm_before[group], hessian, quant, mse, tensors, prefix)
         quantize_group(group, hessian)
     # The fully quantized block's output is the next block's input.
@@ -573,16 +542,7 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
         mean_ratio = sum(r.loss / r.rtn_loss for r in rows if r.rtn_loss) / max(1, sum(1 for r in rows if r.rtn_loss))
         lines.append(f"mean GPTQ/RTN output-error ratio over {len(rows)} layers: {mean_ratio:.3f}")
     gib = 2**30
-    q, options = report.quant, report.options
-    settings = [f"method {report.method}", f"{q.bits}-bit", f"group {q.group_size}", "sym" if q.sym else "asym"]
-    settings += ["desc_act"] * q.desc_act + ["clipped grid"] * bool(options.get("mse"))
-    settings += ["group act-order"] * bool(options.get("group_act_order"))
-    settings += ["input scaling"] * bool(options.get("input_scaling"))
-    if options.get("asym_calibration"):
-        settings.append(f"asymmetric calibration {options['asym_calibration']:g}")
-    if options.get("refine_passes"):
-        settings.append(f"{options['refine_passes']} refine passes")
-    lines.append(", ".join(settings))
+    lines.append(report.settings.description())
     lines.append(f"total time {report.seconds:.1f} s ({report.resumed_blocks} blocks resumed); peak RSS "
                  f"{report.peak_rss_bytes / gib:.2f} GiB" + (f", peak CUDA {report.peak_cuda_bytes / gib:.2f} GiB"
                                                               if report.peak_cuda_bytes else ""))
@@ -591,8 +551,9 @@ def summary_table(report: QuantizeReport, worst: int = 8) -> str:
     return "\n".join(lines)
 
 
-def model_card(report: QuantizeReport, source: Path, settings: dict) -> str:
-    q = report.quant
+def model_card(report: QuantizeReport, source: Path) -> str:
+    settings = report.settings
+    q = settings.quant_config()
     return f"""# {report.output.name}
 
 GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layout of Qwen's published
@@ -601,20 +562,20 @@ GPTQ {q.bits}-bit quantization of `{source.name}` {MODEL_CARD_MARK}, in the layo
 
 | setting | value |
 |---|---|
-| method | {report.method} |
+| method | {settings.method} |
 | bits | {q.bits} |
 | group size | {q.group_size} |
 | symmetric | {q.sym} |
 | act-order (desc_act) | {q.desc_act} |
 | static groups | {q.static_groups} |
 | damp percent | {q.damp_percent} |
-| group act-order | {settings['group_act_order']} |
-| asymmetric calibration (alpha) | {settings['asym_calibration']} |
-| clipped grid (mse) | {settings['mse']} |
-| input scaling | {settings['input_scaling']} |
-| refine passes | {settings['refine_passes']} |
+| group act-order | {settings.group_act_order} |
+| asymmetric calibration (alpha) | {settings.asym_calibration} |
+| clipped grid (mse) | {settings.mse} |
+| input scaling | {settings.input_scaling} |
+| refine passes | {settings.refine_passes} |
 | true sequential | {q.true_sequential} |
-| calibration | {report.calibration} ({settings['nsamples']} x {settings['seqlen']} tokens, seed {settings['seed']}) |
+| calibration | {settings.calibration_name()} ({settings.nsamples} x {settings.seqlen} tokens, seed {settings.seed}) |
 | time | {report.seconds:.1f} s |
 
 ## Measured quality (output error of each linear on its calibration inputs)

@@ -1,5 +1,7 @@
+import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -73,3 +75,25 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_two_blocks(smollm2_dir, tmp_path_factory):
+    """SmolLM2's real embedding, first two blocks and head with its tokenizer: fp/ in full precision and int4/ its RTN
+    Int4 g64 (all 30 blocks take minutes to quantize on 2 cores)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qwen_quant.quantize import quantize
+
+    root = tmp_path_factory.mktemp("smollm2_two_blocks")
+    (root / "fp").mkdir()
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    (root / "fp" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, root / "fp")
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        kept = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("transformer.h.") or int(n.split(".")[2]) < 2}
+    save_file(kept, root / "fp" / "model.safetensors", metadata={"format": "pt"})
+    quantize(root / "fp", root / "int4", method="rtn", group_size=64, mse=False, progress=False)
+    return root

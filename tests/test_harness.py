@@ -3,10 +3,8 @@
 Every score is checked against a computation by hand from the model's logits (log-softmax at the continuation's
 tokens), on SmolLM2 in full precision and on an Int4 export of it; documents against evaluate.perplexity where the
 window rules agree; generation against QwenForCausalLM.generate; batches against one request at a time."""
-import json
 import math
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,8 +12,6 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cli_runner import run_cli
 from qwen_quant.evaluate import perplexity
@@ -50,20 +46,9 @@ def smollm2(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2_int4(smollm2_dir, tmp_path_factory):
-    """SmolLM2's embedding, first two blocks and head (its real weights, its tokenizer) RTN-quantized to Int4, three
-    requests a batch: all 30 blocks take minutes to quantize on 2 cores."""
-    root = tmp_path_factory.mktemp("smollm2_int4")
-    (root / "fp").mkdir()
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    (root / "fp" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    for name in ("tokenizer.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / name, root / "fp")
-    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
-        kept = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("transformer.h.") or int(n.split(".")[2]) < 2}
-    save_file(kept, root / "fp" / "model.safetensors", metadata={"format": "pt"})
-    quantize(root / "fp", root / "int4", method="rtn", group_size=64, mse=False, progress=False)
-    return QwenQuantLM(root / "int4", batch_size=3, max_length=WINDOW)
+def smollm2_int4(smollm2_two_blocks):
+    """SmolLM2's first two blocks RTN-quantized to Int4 (conftest's smollm2_two_blocks), three requests a batch."""
+    return QwenQuantLM(smollm2_two_blocks / "int4", batch_size=3, max_length=WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from qwen_quant.checkpoint import read_safetensors_header
-from qwen_quant.plan import check_arguments, plan_report
+from qwen_quant.plan import plan_report
 from qwen_quant.quantize import quantize
+from qwen_quant.settings import check_arguments
 from qwen_quant.synthetic import save_random_checkpoint
 from test_safety_files import Killed, same_checkpoint
 from cli_runner import run_cli
@@ -291,7 +292,7 @@ def test_plan_report_checks_the_same_argument_types():
 def test_valid_arguments_of_every_kind_pass():
     rng = random.Random(0)
     for _ in range(200):
-        check_arguments(rng.choice([2, 3, 4, 8]), rng.choice([-1, 32, 128]), rng.choice(["gptq", "rtn"]),
+        check_arguments(bits=rng.choice([2, 3, 4, 8]), group_size=rng.choice([-1, 32, 128]),
                         nsamples=rng.randrange(1, 10**6), seqlen=rng.randrange(1, 10**5), seed=rng.randrange(2**64),
                         refine_passes=rng.randrange(5), tp=rng.choice([None, 1, 2, 4, 8]),
                         asym_calibration=rng.choice([0, 1, rng.random()]),

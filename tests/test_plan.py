@@ -112,8 +112,8 @@ def test_the_plan_is_within_15_percent_of_a_measured_peak(tmp_path):
     # runs stayed within it).
     children = [isolated(quantize_job, str(model), str(tmp_path / f"out{i}"), settings) for i in range(2)]
     child = min(children, key=lambda c: c["peak_rss_bytes"] - c["baseline_rss_bytes"])
-    plan = plan_quantization(config, 4, 128, nsamples=16, seqlen=256, device="cpu", dtype=torch.bfloat16,
-                             tokenizer=False, baseline_bytes=child["baseline_rss_bytes"])
+    plan = plan_quantization(config, bits=4, group_size=128, nsamples=16, seqlen=256, device="cpu",
+                             dtype=torch.bfloat16, tokenizer=False, baseline_bytes=child["baseline_rss_bytes"])
     peak = child["peak_rss_bytes"]
     assert plan.host_memory.description.endswith("during a block")
     assert abs(peak / plan.host_memory.total - 1) <= 0.15, (peak / 2**20, plan.host_memory.total / 2**20)

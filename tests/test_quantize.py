@@ -252,7 +252,7 @@ def test_group_act_order_is_the_default_where_it_applies_and_the_card_says_so(tm
                                     ("per_channel", dict(group_size=-1), False),
                                     ("off", dict(group_act_order=False), False)]:
         report = quantize(model, tmp_path / name, **{"group_size": 32, **options}, **kwargs)
-        assert report.options["group_act_order"] is expected, name
+        assert report.settings.group_act_order is expected, name
         assert ("group act-order" in summary_table(report)) is expected
         assert f"| group act-order | {expected} |" in (tmp_path / name / "README.md").read_text()
 
@@ -264,7 +264,7 @@ def test_refine_lowers_every_layers_error_and_the_card_says_how_many_passes(tmp_
                   asym_calibration=0)  # the same inputs for both runs, so their layers can be compared one by one
     plain = quantize(model, tmp_path / "plain", refine_passes=0, **kwargs)
     refined = quantize(model, tmp_path / "refined", **kwargs)
-    assert refined.options["refine_passes"] == 2 and "2 refine passes" in summary_table(refined)
+    assert refined.settings.refine_passes == 2 and "2 refine passes" in summary_table(refined)
     assert "refine passes" not in summary_table(plain)
     assert "| refine passes | 2 |" in (tmp_path / "refined" / "README.md").read_text()
     # c_attn sees the same inputs in both runs (the layers after it see the quantized layers before them).
@@ -279,7 +279,7 @@ def test_input_scaling_folds_into_the_norms_without_changing_the_function(storie
     fp = perplexity(QwenForCausalLM.from_pretrained(stories_dir), ids, seqlen=256, batch_size=32, progress=False).perplexity
     report = quantize(stories_dir, tmp_path / "q", bits=8, group_size=32, calibration=stories_dir / "calib_ids.npy",
                       nsamples=32, seqlen=128, progress=False, input_scaling=True)
-    assert report.options["input_scaling"] and "input scaling" in summary_table(report)
+    assert report.settings.input_scaling and "input scaling" in summary_table(report)
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     original = load_file(stories_dir / "model.safetensors")
     assert not torch.equal(tensors["transformer.h.0.ln_1.weight"], original["transformer.h.0.ln_1.weight"].half())
