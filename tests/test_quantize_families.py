@@ -183,3 +183,22 @@ def test_overwrite_replaces_a_previous_later_family_output(source, tmp_path):
     (out / "README.md").write_text((out / "README.md").read_text() + "\nedited\n", encoding="utf-8")
     quantize(source, out, method="rtn", progress=False, overwrite=True)
     assert "edited" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_later_family_exports_run_through_every_backend(source, backend, tmp_path):
+    """Item 5: a qwen2 / qwen3 Int4 export (GQA, biases, q/k norms, tied and untied heads) through each backend, against
+    its dequantized fp32 reference (the triton backend under the interpreter on a CPU)."""
+    config = QwenConfig.from_file(source)
+    out = tmp_path / "int4"
+    quantize(source, out, method="rtn", **CALIBRATION)
+    dtype = torch.bfloat16 if backend == "cpu" else torch.float32
+    # The tiny MLP width (80) is no whole number of the cpu kernels' groups: "auto" runs those linears on torch.
+    model = QwenForCausalLM.from_pretrained(out, backend="auto" if backend == "cpu" else backend, dtype=dtype)
+    used = {m.backend for m in model.modules() if hasattr(m, "backend")}
+    assert used == ({"cpu", "torch"} if backend == "cpu" else {backend})
+    ids = calibration_ids(config.vocab_size)[:32].view(2, 16)
+    with torch.no_grad():
+        got, want = model(ids).float(), dequantized(out)(ids)
+    tolerance = 0.1 if backend == "cpu" else 1e-3  # the cpu kernels run in bf16
+    assert (got - want).abs().max() < tolerance * want.abs().max()
