@@ -2,7 +2,10 @@
 data: each WikiText-2 validation article's opening paragraph as the answer to "Tell me about TITLE.", and Tatoeba's
 English-Chinese sentence pairs as four-turn translation chats, both directions; shuffled with seed 0.
 
-    python benchmarks/chat_calibration.py OUT.jsonl
+    python benchmarks/chat_calibration.py OUT.jsonl [--mixed OUT.npy --tokenizer MODEL]
+
+--mixed also writes [16, 512] calibration windows (a .npy for --dataset, used as is): 8 random windows of SmolLM2's
+WikiText-2 validation ids and 8 of the conversations rendered as ChatML by MODEL's tokenizer (seed 0).
 """
 import argparse
 import json
@@ -10,10 +13,16 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from common import shared_data_dir
+from qwen_quant.calibration import encode_chat_jsonl, random_windows
+from qwen_quant.tokenizer import load_tokenizer
 
 TRANSLATION_TURNS = 4
 TRANSLATION_CHATS = 1000
+MIXED_WINDOWS, MIXED_SEQLEN = 8, 512  # of each source
 
 
 def detokenized(line: str) -> str:
@@ -62,15 +71,32 @@ def conversations(data: Path, rng: random.Random) -> list:
     return chats
 
 
+def mixed_windows(data: Path, chats: Path, model: Path) -> np.ndarray:
+    """MIXED_WINDOWS windows of WikiText-2 validation ids, then as many of the conversations in ChatML."""
+    wikitext = torch.from_numpy(np.load(data / "smollm2_135m" / "calib_wikitext2_valid_ids.npy").astype(np.int64))
+    rendered = torch.tensor(encode_chat_jsonl(chats, load_tokenizer(model)))
+    generator = torch.Generator().manual_seed(0)
+    return torch.cat([random_windows(wikitext, MIXED_WINDOWS, MIXED_SEQLEN, generator, "WikiText-2 validation"),
+                      random_windows(rendered, MIXED_WINDOWS, MIXED_SEQLEN, generator, str(chats))]).numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
+    parser.add_argument("--mixed", type=Path, help="also write text + conversation windows to this .npy")
+    parser.add_argument("--tokenizer", type=Path, help="with --mixed: the model folder whose tokenizer renders them")
     args = parser.parse_args()
-    chats = conversations(shared_data_dir(), random.Random(0))
+    if args.mixed and not args.tokenizer:
+        parser.error("--mixed needs --tokenizer MODEL")
+    data = shared_data_dir()
+    chats = conversations(data, random.Random(0))
     with open(args.output, "w", encoding="utf-8") as out:
         for chat in chats:
             out.write(json.dumps({"messages": chat}, ensure_ascii=False) + "\n")
     print(f"{args.output}: {len(chats)} conversations")
+    if args.mixed:
+        np.save(args.mixed, mixed_windows(data, args.output, args.tokenizer))
+        print(f"{args.mixed}: {MIXED_WINDOWS} WikiText + {MIXED_WINDOWS} conversation windows of {MIXED_SEQLEN}")
 
 
 if __name__ == "__main__":
