@@ -20,7 +20,6 @@ writing the output checkpoint. Peak RSS is the child process's high-water mark (
         [--group-act-order on|off] [--threads N] [--json results.json]
 """
 import argparse
-import inspect
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from qwen_quant.config import REAL_VOCAB
 from qwen_quant.quantize import quantize
+from qwen_quant.settings import QuantizeSettings
 
 from common import GIB, add_common_args, isolated, machine, machine_line, revision, \
     shared_data_dir, table, write_json
@@ -139,7 +139,7 @@ def main():
         extra["group_act_order"] = args.group_act_order == "on"
     if args.refine_passes is not None:
         extra["refine_passes"] = args.refine_passes
-    mse = extra.get("mse", inspect.signature(quantize).parameters["mse"].default)
+    mse = QuantizeSettings(**extra).mse  # the default where --mse is not given
     calibration_kind = args.calibration or ("wikitext" if vocab >= REAL_VOCAB else "random")
     if calibration_kind == "wikitext" and vocab < REAL_VOCAB:
         raise SystemExit(f"--calibration wikitext needs --vocab >= {REAL_VOCAB} (the tokenizer's ids)")
