@@ -4,7 +4,6 @@ the quantized linears swapped for QuantLinear (or decoded back to dense weights)
 The caller builds the model (on the meta device, so loading needs about one copy of the weights) and passes it in:
 this module reads files through `checkpoint` and never imports `model`.
 """
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,7 +12,7 @@ from .checkpoint import WeightReader, resolve_model_path
 from .config import QwenConfig
 from .layout import GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED, layout_of
 from .qlinear import QuantLinear, validate_and_sort
-from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON, VOCAB_SIZE
+from .tokenizer import tokenizer_id_count
 
 
 def open_checkpoint(path_or_name, allow_pickle: bool = False) -> tuple[QwenConfig, WeightReader]:
@@ -101,28 +100,9 @@ def fill_module(module: torch.nn.Module, reader: WeightReader, prefix: str, dtyp
         setattr(target, leaf, filled[id(param)])
 
 
-def tokenizer_ids(folder) -> Optional[int]:
-    """How many ids the folder's tokenizer gives: qwen.tiktoken's are fixed (tokenizer.VOCAB_SIZE, 151851), and it
-    is taken before a tokenizer.json beside it (a converted copy, or a side file); a tokenizer.json's are its highest
-    id over the vocabulary and the added tokens, + 1 (Qwen2.5's 151665, Qwen3's 151669, below their embeddings'
-    151936 rows); None without either."""
-    if (Path(folder) / TIKTOKEN_FILE).is_file():
-        return VOCAB_SIZE
-    path = Path(folder) / TOKENIZER_JSON
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer  # imported here: only tokenizer.json models need the library
-
-    try:
-        ids = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True).values()
-    except Exception as err:  # the library raises a bare Exception on malformed JSON
-        raise ValueError(f"{path}: not a tokenizers-library tokenizer.json ({err})") from None
-    return max(ids) + 1 if ids else None
-
-
 def limit_vocabulary(model: torch.nn.Module, folder) -> None:
     """Sample only the ids the folder's tokenizer.json gives, when it has one (else the layout's default stays)."""
-    model.real_vocab = tokenizer_ids(folder) or model.real_vocab
+    model.real_vocab = tokenizer_id_count(folder) or model.real_vocab
 
 
 def default_dtype(config: QwenConfig, quantized: bool, device) -> torch.dtype:

@@ -158,18 +158,37 @@ class QwenTokenizer:
         return (self.im_end_id, self.eod_id)
 
 
+def read_tokenizer_json(path: Path):
+    """The `tokenizers` library's Tokenizer of a tokenizer.json; a file it cannot read is a ValueError naming it."""
+    from tokenizers import Tokenizer  # imported here: only tokenizer.json models need the library
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the library raises a bare Exception on malformed JSON
+        raise ValueError(f"{path}: not a tokenizers-library tokenizer.json ({err})") from None
+
+
+def tokenizer_id_count(folder: Union[str, Path]) -> Optional[int]:
+    """How many ids the folder's tokenizer gives: qwen.tiktoken's are fixed (VOCAB_SIZE, 151851), and it is taken
+    before a tokenizer.json beside it (a converted copy, or a side file); a tokenizer.json's are its highest id over
+    the vocabulary and the added tokens, + 1 (Qwen2.5's 151665, Qwen3's 151669, below their embeddings' 151936 rows);
+    None without either. Only the count: no ChatML markers are required, as JsonTokenizer requires them."""
+    if (Path(folder) / TIKTOKEN_FILE).is_file():
+        return VOCAB_SIZE
+    path = Path(folder) / TOKENIZER_JSON
+    if not path.is_file():
+        return None
+    ids = read_tokenizer_json(path).get_vocab(with_added_tokens=True).values()
+    return max(ids) + 1 if ids else None
+
+
 class JsonTokenizer:
     """A `tokenizer.json` loaded by the `tokenizers` library, with QwenTokenizer's interface. The ChatML markers are
     its `<|im_start|>` / `<|im_end|>` / `<|endoftext|>` tokens; stop ids come from generation_config.json beside it."""
 
     def __init__(self, tokenizer_file: Union[str, Path], generation_config: Optional[Union[str, Path]] = None):
-        from tokenizers import Tokenizer  # imported here: only tokenizer.json models need the library
-
         self.tokenizer_file = Path(tokenizer_file)
-        try:
-            self.backend = Tokenizer.from_file(str(self.tokenizer_file))
-        except Exception as err:  # the library raises a bare Exception on malformed JSON
-            raise ValueError(f"{self.tokenizer_file}: not a tokenizers-library tokenizer.json ({err})") from None
+        self.backend = read_tokenizer_json(self.tokenizer_file)
         # `tokenizers` would turn special-token text inside ordinary text into the special ids; off, such text is
         # encoded like any other (encode() splits on the names a caller allows explicitly).
         self.backend.encode_special_tokens = True
