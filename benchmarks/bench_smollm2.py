@@ -6,8 +6,8 @@ eval_wikitext2_test_ids.npy, in fp32, quantized weights dequantized into the fp3
 implementation's full-precision figure is 20.1125). Calibration: --nsamples (128) windows of --calib-seqlen (512)
 tokens of calib_wikitext2_valid_ids.npy, seed 0. Every quantization runs in a fresh process (its peak RSS is its own).
 
-    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--bits 4,8] [--parts fp,grid,textbook,decode,chat]
-        [--json PATH]
+    python benchmarks/bench_smollm2.py [--grid core|full|ci] [--bits 4,8]
+        [--parts fp,grid,textbook,decode,chat,chatcheck] [--json PATH]
 
 grid core: 3 / 4 / 8 bits at group 128 (which does not divide 576), symmetric, no act-order: RTN (the plain min/max
 grid), GPTQ (default clipped grid) and, with the part textbook, GPTQ --no-mse at 3 / 4 bits. full: bits 3 / 4 / 8 x
@@ -16,9 +16,18 @@ evaluated on the first 4 (CI's slice, at most 8 minutes on 2 cores; the full-pre
 is checked only there). --bits keeps the grid's settings of those bit widths only. decode and chat need the 4- and
 8-bit g128 GPTQ folders of the grid (core and full make them; ci makes the 4-bit one, so decode and chat then skip
 Int8).
+
+chatcheck (qwen_quant.chat_check over the 20 shipped ChatML questions, fp32, quantized weights dequantized): the
+grid's 4-bit g128 RTN and GPTQ exports and a GPTQ export calibrated on conversations instead (as many windows of
+--calib-seqlen of chat_calibration.py's ChatML conversations), each beside full precision. Bars for the conversation
+export: reading full precision's answers, its top token is the end of turn wherever full precision ends its turn
+decisively (chat_check.DECISIVE_MARGIN), and its mean KL from full precision is below RTN's. The WikiText-calibrated
+export's figures are shown: text-only calibration is what loses a chat model's end of turn.
 """
 import argparse
 import itertools
+import json
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chat_calibration import conversations
 from common import add_common_args, isolated, machine, machine_line, shared_data_dir, smollm2_dir, table, write_json
 from qwen_quant import QwenForCausalLM
+from qwen_quant.chat_check import compare
 from qwen_quant.evaluate import perplexity
 from qwen_quant.model import load_dequantized
 from qwen_quant.quantize import quantize
@@ -94,6 +105,8 @@ def run_grid(grid: list, model: Path, data: Path, ids, work: Path, nsamples: int
                 row["peak_rss_gib"] = job["peak_rss_bytes"] / 2**30
                 row["layer_error_ratio"] = job["result"]["mean_gptq_over_rtn_layer_error"]
                 row["folder"] = str(out)
+            if method == "rtn":
+                row["rtn_folder"] = str(out)
             print(f"  {key} {settings}: perplexity {row[key]:.4f}", flush=True)
         row["share"] = (row["gptq"] - fp) / (row["rtn"] - fp) if row["rtn"] > fp else float("nan")
         rows.append(row)
@@ -139,6 +152,44 @@ def answer(folder: str, dtype) -> dict:
             "stopped_at_im_end": ids[-1] == tokenizer.im_end_id, "tokens": len(ids)}
 
 
+def chat_check(model: Path, rows: list, data: Path, work: Path, nsamples: int, seqlen: int) -> tuple:
+    """(figures, failures) of the chatcheck part (see the module's docstring)."""
+    row = next(r for r in rows if r["bits"] == 4 and r["group_size"] == 128 and not r["desc_act"])
+    chats = work / "conversations.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat}, ensure_ascii=False) + "\n"
+                             for chat in conversations(data, random.Random(0))), encoding="utf-8")
+    settings = {key: row[key] for key in ("bits", "group_size", "desc_act")}
+    chat_folder = work / "gptq-4-g128-conversations"
+    isolated(quantize_job, str(model), str(chat_folder), str(chats), nsamples, seqlen, "gptq", True, settings)
+    full_precision = QwenForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tokenizer = load_tokenizer(model)
+    figures = {}
+    for label, folder in (("rtn", row["rtn_folder"]), ("gptq_wikitext", row["folder"]),
+                          ("gptq_conversations", chat_folder)):
+        report = compare(full_precision, load_dequantized(folder), tokenizer, progress=False)
+        figures[label] = {"agree": report.agreements, "prompts": len(report.rows),
+                          "full_precision_stops": report.full_precision_stops, "stops": report.quantized_stops,
+                          "missed_stops": report.missed_stops,
+                          "ends_on_full_precision_answers": report.ends_on_full_precision_answers,
+                          "decisive_ends": report.decisive_ends, "missed_decisive_ends": report.missed_decisive_ends,
+                          "mean_kl": report.mean_kl}
+        f = figures[label]
+        print(f"  chat check {label}: agree {f['agree']}/{f['prompts']}, stops {f['stops']} (full precision "
+              f"{f['full_precision_stops']}), ends its turn on full precision's answers "
+              f"{f['ends_on_full_precision_answers']}/{f['full_precision_stops']}, decisive ends "
+              f"{f['decisive_ends'] - len(f['missed_decisive_ends'])}/{f['decisive_ends']}, mean KL "
+              f"{f['mean_kl']:.4f}", flush=True)
+    ours, rtn = figures["gptq_conversations"], figures["rtn"]
+    failures = []
+    if ours["missed_decisive_ends"]:
+        failures.append(f"chat check: the conversation-calibrated Int4 does not end its turn where full precision "
+                        f"does decisively, on prompts {ours['missed_decisive_ends']}")
+    if not ours["mean_kl"] < rtn["mean_kl"]:
+        failures.append(f"chat check: the conversation-calibrated Int4's mean KL {ours['mean_kl']:.4f} is not "
+                        f"below RTN's {rtn['mean_kl']:.4f}")
+    return figures, failures
+
+
 def precisions(model: Path, rows: list) -> list:
     """(label, folder) of full precision and the GPTQ g128 Int8 / Int4 exports the grid made."""
     found = [("fp", str(model))]
@@ -161,7 +212,8 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--grid", choices=("core", "full", "ci"), default=None, help="default core; --quick: ci")
     parser.add_argument("--bits", default=None, help="comma-separated bit widths: only the grid's settings with these")
-    parser.add_argument("--parts", default=None, help="default fp,grid,textbook,decode,chat; --quick: no textbook")
+    parser.add_argument("--parts", default=None,
+                        help="default fp,grid,textbook,decode,chat,chatcheck; --quick: no textbook")
     parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 2048 (default 12; --quick: 4)")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; --quick: 16)")
     parser.add_argument("--calib-seqlen", type=int, default=512)
@@ -177,7 +229,8 @@ def main() -> None:
             parser.error(f"--bits {args.bits}: the grid has no setting with those bit widths (3, 4 or 8)")
     nsamples = args.nsamples or (16 if args.quick else 128)
     windows = args.windows or (4 if args.quick else 12)
-    parts = set((args.parts or ("fp,grid,decode,chat" if args.quick else "fp,grid,textbook,decode,chat")).split(","))
+    parts = set((args.parts or ("fp,grid,decode,chat,chatcheck" if args.quick
+                                else "fp,grid,textbook,decode,chat,chatcheck")).split(","))
     info = machine()
     print(machine_line(info), flush=True)
     data = shared_data_dir()
@@ -222,6 +275,10 @@ def main() -> None:
                                                           or not reply["stopped_at_im_end"]):
                     results["failures"].append(f"chat {label}: {reply['reply']!r} lacks Paris or did not stop at "
                                                "<|im_end|>")
+        if "chatcheck" in parts:
+            results["chat_check"], failures = chat_check(model, results["rows"], data, work, nsamples,
+                                                         args.calib_seqlen)
+            results["failures"] += failures
     print(machine_line(machine()))
     print("\n".join(results["failures"]) if results["failures"] else "quality bars: all met")
     write_json(args.json, results)

@@ -3,8 +3,9 @@ quantization, and the real 30-block SmolLM2-135M (bench_smollm2.py --quick).
 
 Writes benchmarks/results.json, rewrites the table between the run_all markers of benchmarks/RESULTS.md, draws
 benchmarks/results.png, and exits 1 when a QUALITY bar is missed (GPTQ vs RTN perplexity, Int8 loss, memory at or
-below Qwen's published figures; on SmolLM2 GPTQ vs RTN at 4-bit g128 and full precision's ChatML answer: --quick
-evaluates 4 windows, so the full-precision reference of 12 windows is bench_smollm2.py's full run's bar). Timings
+below Qwen's published figures; on SmolLM2 GPTQ vs RTN at 4-bit g128, full precision's ChatML answer and the chat
+check of a conversation-calibrated Int4: --quick evaluates 4 windows, so the full-precision reference of 12 windows is
+bench_smollm2.py's full run's bar). Timings
 are printed and recorded, never judged.
 
     python benchmarks/run_all.py
@@ -79,6 +80,15 @@ def markdown(results: dict) -> str:
     for d, c in zip(s["decode"], s["chat"]):
         reply = " ".join(c["reply"].split()).replace("|", "\\|")  # one table cell: a reply may hold newlines
         lines.append(f"| {d['precision']} | {d['tokens_per_s']:.1f} | {reply} |")
+    lines += ["", "**The chat check** (20 ChatML questions, fp32; bar: the conversation-calibrated Int4 ends its turn "
+              "wherever full precision does decisively and strays less than RTN):", "",
+              "| Int4 g128 | greedy: ends its turn | reading fp's answers: ends where fp ends | decisive ends | "
+              "mean KL |", "|---|---|---|---|---|"]
+    for label, c in s["chat_check"].items():
+        lines.append(f"| {label.replace('_', ', ')} | {c['stops']}/{c['prompts']} (fp {c['full_precision_stops']}) | "
+                     f"{c['ends_on_full_precision_answers']}/{c['full_precision_stops']} | "
+                     f"{c['decisive_ends'] - len(c['missed_decisive_ends'])}/{c['decisive_ends']} | "
+                     f"{c['mean_kl']:.4f} |")
     if results["failures"]:
         lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]
     lines += ["", f"Suite time: {suite_time(results)}. Full outputs: benchmarks/results.json."]

@@ -7,12 +7,20 @@ the two answers, whether each stopped at a stop id within the budget and whether
 table `qwen-quantize eval QUANTIZED --chat --baseline FULL_PRECISION` prints. The quantized model is measured against
 the full-precision one, not against the truth: a question the full-precision model gets wrong still shows whether the
 quantized model answers and stops as it does.
+
+Greedy answers drift apart after one different token, and a drifted answer may end elsewhere for that reason alone. So
+the quantized model also reads full precision's own answer (teacher forcing): where full precision ended its turn, is
+the end of turn the quantized model's top token too? That isolates the lost end-of-turn logit from drift, and the
+mean KL divergence of the two models' next-token distributions over that answer measures how far the quantized model
+strays in chat at all (llama.cpp's KLD measure, on conversations instead of text).
 """
+import math
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
 from tqdm.auto import tqdm
 
 from .calibration import json_list, json_type, string_fields
@@ -22,6 +30,10 @@ from .tokenizer import encode_chatml, load_tokenizer
 
 PROMPTS_FILE = Path(__file__).with_name("chat_prompts.jsonl")
 DEFAULT_MAX_NEW_TOKENS = 64
+# Full precision ends its turn decisively where its end-of-turn log-probability beats the next token's by this many
+# nats. Below it the choice is close to a coin flip that any 4-bit export may turn (their mean KL from full precision
+# is 0.1-0.6 nats a token on SmolLM2): on the shipped prompts SmolLM2's margins are 0.2-0.7 or 1.6-3.3 nats.
+DECISIVE_MARGIN = 1.5
 # Table widths in terminal columns (a CJK character takes two).
 PROMPT_COLUMNS, ANSWER_COLUMNS = 34, 40
 
@@ -39,6 +51,7 @@ class Answer:
     tokens: int  # new tokens generated, the stop id included
     stopped: bool  # ended at a stop id within the budget
     expected: bool  # holds one of the prompt's key words
+    ids: list = field(default_factory=list, repr=False)  # the new token ids, the stop id included
 
 
 @dataclass
@@ -46,6 +59,17 @@ class ChatRow:
     prompt: ChatPrompt
     full_precision: Answer
     quantized: Answer
+    # Teacher-forced on full precision's answer: whether the quantized model's top token where full precision ended
+    # its turn is a stop id, and full precision's margin there (its stop id's log-probability minus the best other
+    # token's; both None where full precision did not stop); KL(full precision || quantized) summed over the
+    # answer's tokens (nats).
+    ends_turn_on_full_precision_answer: Optional[bool] = None
+    full_precision_end_margin: Optional[float] = None
+    kl_sum: float = 0.0
+
+    @property
+    def decisive_end(self) -> bool:
+        return self.full_precision_end_margin is not None and self.full_precision_end_margin >= DECISIVE_MARGIN
 
     @property
     def agree(self) -> bool:
@@ -84,6 +108,31 @@ class ChatReport:
     @property
     def stops_where_full_precision_stops(self) -> bool:
         return not self.missed_stops
+
+    @property
+    def ends_on_full_precision_answers(self) -> int:
+        return sum(bool(row.ends_turn_on_full_precision_answer) for row in self.rows)
+
+    @property
+    def missed_ends_on_full_precision_answers(self) -> list:
+        """Numbers of the prompts where full precision ended its turn and, reading its answer, the quantized model's
+        top token there is not a stop id."""
+        return [number for number, row in enumerate(self.rows, start=1)
+                if row.ends_turn_on_full_precision_answer is False]
+
+    @property
+    def decisive_ends(self) -> int:
+        return sum(row.decisive_end for row in self.rows)
+
+    @property
+    def missed_decisive_ends(self) -> list:
+        """missed_ends_on_full_precision_answers where full precision ended its turn decisively (DECISIVE_MARGIN)."""
+        return [number for number in self.missed_ends_on_full_precision_answers if self.rows[number - 1].decisive_end]
+
+    @property
+    def mean_kl(self) -> float:
+        """KL(full precision || quantized) per token of full precision's answers, nats."""
+        return sum(row.kl_sum for row in self.rows) / sum(row.full_precision.tokens for row in self.rows)
 
 
 def chat_prompt(record, source: str) -> ChatPrompt:
@@ -162,7 +211,27 @@ def greedy_answer(model, tokenizer, prompt_ids: list, max_new_tokens: int, expec
     new = new.tolist()
     stopped = bool(new) and new[-1] in tokenizer.stop_ids  # generation ends at the first stop id
     text = tokenizer.decode(new[:-1] if stopped else new)
-    return Answer(text, len(new), stopped, any(word.casefold() in text.casefold() for word in expect))
+    return Answer(text, len(new), stopped, any(word.casefold() in text.casefold() for word in expect), new)
+
+
+def log_probs(model, ids: list) -> torch.Tensor:
+    """fp32 log-probabilities [len(ids), vocab rows] of each next token."""
+    return model(torch.tensor([ids], device=model.device)).float().log_softmax(-1)[0]
+
+
+def teacher_forced(full_precision_model, quantized_model, tokenizer, prompt_ids: list, answer: Answer) -> tuple:
+    """(ends_turn_on_full_precision_answer, full_precision_end_margin, kl_sum) of a ChatRow: both models read the
+    prompt and full precision's answer in one forward each."""
+    ids = prompt_ids + answer.ids
+    predicting = slice(len(prompt_ids) - 1, len(ids) - 1)  # the positions whose next token is the answer's
+    full, quantized = (log_probs(model, ids)[predicting] for model in (full_precision_model, quantized_model))
+    kl_sum = float((full.exp() * (full - quantized)).sum())
+    if not answer.stopped:
+        return None, None, kl_sum
+    others = full[-1].clone()
+    others[answer.ids[-1]] = -math.inf
+    margin = float(full[-1, answer.ids[-1]] - others.max())
+    return int(quantized[-1].argmax()) in tokenizer.stop_ids, margin, kl_sum
 
 
 def compare(full_precision_model, quantized_model, tokenizer, prompts: Optional[Sequence] = None,
@@ -173,10 +242,13 @@ def compare(full_precision_model, quantized_model, tokenizer, prompts: Optional[
     check_arguments(full_precision_model, quantized_model, tokenizer, max_new_tokens)
     prompts = checked_prompts(prompts)
     inputs = [rendered(prompt, tokenizer) for prompt in prompts]
-    rows = [ChatRow(prompt, *(greedy_answer(model, tokenizer, ids, max_new_tokens, prompt.expect)
-                              for model in (full_precision_model, quantized_model)))
-            for prompt, ids in tqdm(list(zip(prompts, inputs)), desc="chat check", unit="prompt",
-                                    disable=not progress)]
+    rows = []
+    with torch.no_grad():
+        for prompt, ids in tqdm(list(zip(prompts, inputs)), desc="chat check", unit="prompt", disable=not progress):
+            answers = [greedy_answer(model, tokenizer, ids, max_new_tokens, prompt.expect)
+                       for model in (full_precision_model, quantized_model)]
+            rows.append(ChatRow(prompt, *answers, *teacher_forced(full_precision_model, quantized_model, tokenizer,
+                                                                  ids, answers[0])))
     return ChatReport(rows, max_new_tokens)
 
 
@@ -203,6 +275,10 @@ def question(prompt: ChatPrompt) -> str:
     return prompt.messages[-1]["content"]
 
 
+def prompt_numbers(numbers: list) -> str:
+    return f"prompt{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))}"
+
+
 def format_report(report: ChatReport) -> str:
     """The report as a table (a row per prompt), the totals, then in full the answers that disagree or miss a stop."""
     header = (f"{'#':>3}  {cell('prompt', PROMPT_COLUMNS)}  {cell('full precision', ANSWER_COLUMNS)}  {'stop':<6}  "
@@ -221,7 +297,14 @@ def format_report(report: ChatReport) -> str:
     missed = report.missed_stops
     lines.append("stops wherever full precision stops: " + (
         "yes" if not missed else f"NO - the quantized model runs to the budget where full precision stopped, on "
-                                 f"prompt{'s' * (len(missed) > 1)} {', '.join(map(str, missed))}"))
+                                 f"{prompt_numbers(missed)}"))
+    missed_ends = report.missed_ends_on_full_precision_answers
+    lines += ["reading full precision's answers: the quantized model's top token is the end of turn where full "
+              f"precision's is on {report.ends_on_full_precision_answers}/{report.full_precision_stops}"
+              + (f" (not on {prompt_numbers(missed_ends)})" if missed_ends else ""),
+              f"  where full precision ends its turn decisively (by {DECISIVE_MARGIN:g} nats or more): "
+              f"{report.decisive_ends - len(report.missed_decisive_ends)}/{report.decisive_ends}",
+              f"mean KL(full precision || quantized) per answer token: {report.mean_kl:.4f} nats"]
     listed = [(number, row) for number, row in enumerate(report.rows, start=1) if not row.agree or row.missed_stop]
     if listed:
         lines += ["", "answers that disagree or miss a stop, in full:"]

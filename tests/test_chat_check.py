@@ -45,19 +45,29 @@ def tiny_pair(smollm2_dir, tmp_path_factory) -> tuple:
 
 class ScriptedModel:
     """Stands in for a model: answers each prompt with its next script of token ids, ending at the first stop id or
-    at the budget, as QwenForCausalLM.generate does."""
+    at the budget, as QwenForCausalLM.generate does; read back (a forward), its top token at each position after the
+    last prompt is the one its script has there."""
+
+    device = torch.device("cpu")
 
     def __init__(self, scripts, vocab_size=49152):
         self.config = SimpleNamespace(vocab_size=vocab_size)
         self.scripts = iter(scripts)
 
     def generate(self, prompt, max_new_tokens, stop_ids):
+        self.prompt_length, self.script = len(prompt), next(self.scripts)
         new = []
-        for token in next(self.scripts)[:max_new_tokens]:
+        for token in self.script[:max_new_tokens]:
             new.append(token)
             if token in stop_ids:
                 break
         return torch.tensor([list(prompt) + new])
+
+    def __call__(self, ids):
+        logits = torch.zeros(*ids.shape, self.config.vocab_size)
+        for offset, token in enumerate(self.script[:ids.shape[1] - self.prompt_length + 1]):
+            logits[0, self.prompt_length - 1 + offset, token] = 5.0
+        return logits
 
 
 def test_shipped_prompts_parse_and_render(tokenizer, tiktoken_file):
@@ -129,11 +139,15 @@ def test_same_model_twice_agrees_and_stops_alike(full_precision, tokenizer):
     assert report.full_precision_stops == report.quantized_stops
     for row in report.rows:
         assert row.full_precision == row.quantized
+        assert row.ends_turn_on_full_precision_answer is True and row.kl_sum == 0.0  # the same logits
+        assert row.full_precision_end_margin > 0 and row.decisive_end == (row.full_precision_end_margin >= 1.5)
     assert report.rows[0].full_precision.text == "The capital of France is Paris."  # 8 tokens, then <|im_end|>
     assert report.rows[0].full_precision.stopped
     assert report.rows[0].full_precision.tokens == len(tokenizer.encode("The capital of France is Paris.")) + 1
     table = format_report(report)
     assert "agree: 2/2 prompts" in table and "stops wherever full precision stops: yes" in table
+    assert "the quantized model's top token is the end of turn where full precision's is on 2/2\n" in table
+    assert "mean KL(full precision || quantized) per answer token: 0.0000 nats" in table
     assert "in full" not in table  # nothing disagrees
 
 
@@ -149,6 +163,14 @@ def test_a_quantized_model_that_never_stops_is_reported(full_precision, smollm2_
         return sample(logits, *args)
 
     monkeypatch.setattr(quantized, "sample", never_ends_turn)
+    forward = quantized.forward
+
+    def end_of_turn_last(*args, **kwargs):  # read back, the end of turn is never its top token either
+        logits = forward(*args, **kwargs).clone()
+        logits[..., list(tokenizer.stop_ids)] = logits.min() - 1
+        return logits
+
+    monkeypatch.setattr(quantized, "forward", end_of_turn_last)
     prompts = load_prompts()
     report = compare(full_precision, quantized, tokenizer, prompts=[prompts[FRANCE], prompts[JAPAN]],
                      max_new_tokens=12)
@@ -156,10 +178,17 @@ def test_a_quantized_model_that_never_stops_is_reported(full_precision, smollm2_
     assert [(row.quantized.stopped, row.quantized.tokens) for row in report.rows] == [(False, 12), (False, 12)]
     assert report.missed_stops == [1, 2] and not report.stops_where_full_precision_stops
     assert (report.full_precision_stops, report.quantized_stops) == (2, 0)
+    assert [row.ends_turn_on_full_precision_answer for row in report.rows] == [False, False]
+    assert report.missed_ends_on_full_precision_answers == [1, 2] and report.mean_kl > 0
+    # SmolLM2 ends these two answers by more than 2 nats (fp32): decisive ends, missed.
+    assert all(row.full_precision_end_margin > 2 for row in report.rows)
+    assert report.decisive_ends == 2 and report.missed_decisive_ends == [1, 2]
     table = format_report(report)
     assert table.count("<- never stops") == 2
     assert "stops wherever full precision stops: NO - the quantized model runs to the budget where full precision " \
            "stopped, on prompts 1, 2" in table
+    assert "the end of turn where full precision's is on 0/2 (not on prompts 1, 2)" in table
+    assert "where full precision ends its turn decisively (by 1.5 nats or more): 0/2" in table
 
 
 def test_report_follows_the_answers_property(tokenizer):
@@ -195,6 +224,15 @@ def test_report_follows_the_answers_property(tokenizer):
             assert row.agree == (fp[2].strip() == q[2].strip() or fp[3] and q[3])
             missed += [number] * (fp[0] and not q[0])
         assert report.missed_stops == missed
+        assert report.missed_decisive_ends == report.missed_ends_on_full_precision_answers
+        for row, fp_script, q_script in zip(report.rows, scripts["fp"], scripts["q"]):
+            # Reading full precision's answer, the quantized script's token where full precision stopped.
+            answer = row.full_precision
+            expected_end = q_script[answer.tokens - 1] in tokenizer.stop_ids if answer.stopped else None
+            assert row.ends_turn_on_full_precision_answer == expected_end
+            # A script's token leads the others by 5 nats: every end of turn is decisive.
+            assert row.full_precision_end_margin == (5.0 if answer.stopped else None)
+            assert (row.kl_sum > 1e-6) == (q_script[:answer.tokens] != fp_script[:answer.tokens])
         assert report.agreements == sum(row.agree for row in report.rows)
         table = format_report(report)
         assert table.count("<- never stops") == len(missed)
@@ -224,6 +262,10 @@ def test_cli_prints_the_table(tiny_pair, capsys):
     assert re.search(r"^agree: \d+/20 prompts", out, flags=re.M)
     assert re.search(r"^stopped within 3 new tokens: full precision \d+/20, quantized \d+/20$", out, flags=re.M)
     assert re.search(r"^stops wherever full precision stops: (yes|NO - .* on prompts? [\d, ]+)$", out, flags=re.M)
+    assert re.search(r"^reading full precision's answers: .* on \d+/\d+( \(not on prompts? [\d, ]+\))?$", out,
+                     flags=re.M)
+    assert re.search(r"^mean KL\(full precision \|\| quantized\) per answer token: \d+\.\d{4} nats$", out,
+                     flags=re.M)
 
 
 def test_cli_refuses_chat_without_baseline_and_bad_budgets(smollm2_dir, tmp_path, capsys):
