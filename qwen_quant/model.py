@@ -97,9 +97,18 @@ class KVCache(nn.Module):
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, heads, T, head_dim] at positions [T] (every row's) or [B, T] (each row's own)."""
-        index = positions.expand(k.shape[0], -1)[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        # index_copy_ / index_put_, not scatter_: a compiled step writes them into the cache in place, but scatter_
+        # into a copy of the whole cache that it then copies back (two passes over every layer's cache a step: 14 %
+        # of a compiled SmolLM2 Int4 step, measured). Eager, index_copy_ takes 2 us, index_put_ 12, scatter_ 19.
+        if positions.dim() == 1:
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+        else:
+            B, heads = k.shape[:2]
+            index = (torch.arange(B, device=k.device)[:, None, None],
+                     torch.arange(heads, device=k.device)[None, :, None], positions[:, None, :])
+            self.k.index_put_(index, k)
+            self.v.index_put_(index, v)
         return self.k, self.v
 
 
