@@ -26,8 +26,6 @@ export's figures are shown: text-only calibration is what loses a chat model's e
 """
 import argparse
 import itertools
-import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chat_calibration import conversations
+from chat_calibration import write_conversations
 from common import add_common_args, isolated, machine, machine_line, shared_data_dir, smollm2_dir, table, write_json
 from qwen_quant import QwenForCausalLM
 from qwen_quant.chat_check import compare
@@ -156,8 +154,7 @@ def chat_check(model: Path, rows: list, data: Path, work: Path, nsamples: int, s
     """(figures, failures) of the chatcheck part (see the module's docstring)."""
     row = next(r for r in rows if r["bits"] == 4 and r["group_size"] == 128 and not r["desc_act"])
     chats = work / "conversations.jsonl"
-    chats.write_text("".join(json.dumps({"messages": chat}, ensure_ascii=False) + "\n"
-                             for chat in conversations(data, random.Random(0))), encoding="utf-8")
+    write_conversations(chats, data)
     settings = {key: row[key] for key in ("bits", "group_size", "desc_act")}
     chat_folder = work / "gptq-4-g128-conversations"
     isolated(quantize_job, str(model), str(chat_folder), str(chats), nsamples, seqlen, "gptq", True, settings)
@@ -171,13 +168,13 @@ def chat_check(model: Path, rows: list, data: Path, work: Path, nsamples: int, s
                           "full_precision_stops": report.full_precision_stops, "stops": report.quantized_stops,
                           "missed_stops": report.missed_stops,
                           "ends_on_full_precision_answers": report.ends_on_full_precision_answers,
-                          "decisive_ends": report.decisive_ends, "missed_decisive_ends": report.missed_decisive_ends,
-                          "mean_kl": report.mean_kl}
+                          "decisive_ends": report.decisive_ends, "decisive_ends_kept": report.decisive_ends_kept,
+                          "missed_decisive_ends": report.missed_decisive_ends, "mean_kl": report.mean_kl}
         f = figures[label]
         print(f"  chat check {label}: agree {f['agree']}/{f['prompts']}, stops {f['stops']} (full precision "
               f"{f['full_precision_stops']}), ends its turn on full precision's answers "
               f"{f['ends_on_full_precision_answers']}/{f['full_precision_stops']}, decisive ends "
-              f"{f['decisive_ends'] - len(f['missed_decisive_ends'])}/{f['decisive_ends']}, mean KL "
+              f"{f['decisive_ends_kept']}/{f['decisive_ends']}, mean KL "
               f"{f['mean_kl']:.4f}", flush=True)
     ours, rtn = figures["gptq_conversations"], figures["rtn"]
     failures = []

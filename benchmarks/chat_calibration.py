@@ -71,6 +71,15 @@ def conversations(data: Path, rng: random.Random) -> list:
     return chats
 
 
+def write_conversations(path: Path, data: Path) -> int:
+    """The conversations (seed 0) as a ChatML .jsonl for --dataset; returns how many."""
+    chats = conversations(data, random.Random(0))
+    with open(path, "w", encoding="utf-8") as out:
+        for chat in chats:
+            out.write(json.dumps({"messages": chat}, ensure_ascii=False) + "\n")
+    return len(chats)
+
+
 def mixed_windows(data: Path, chats: Path, model: Path) -> np.ndarray:
     """MIXED_WINDOWS windows of WikiText-2 validation ids, then as many of the conversations in ChatML."""
     wikitext = torch.from_numpy(np.load(data / "smollm2_135m" / "calib_wikitext2_valid_ids.npy").astype(np.int64))
@@ -89,11 +98,7 @@ def main() -> None:
     if args.mixed and not args.tokenizer:
         parser.error("--mixed needs --tokenizer MODEL")
     data = shared_data_dir()
-    chats = conversations(data, random.Random(0))
-    with open(args.output, "w", encoding="utf-8") as out:
-        for chat in chats:
-            out.write(json.dumps({"messages": chat}, ensure_ascii=False) + "\n")
-    print(f"{args.output}: {len(chats)} conversations")
+    print(f"{args.output}: {write_conversations(args.output, data)} conversations")
     if args.mixed:
         np.save(args.mixed, mixed_windows(data, args.output, args.tokenizer))
         print(f"{args.mixed}: {MIXED_WINDOWS} WikiText + {MIXED_WINDOWS} conversation windows of {MIXED_SEQLEN}")

@@ -87,7 +87,7 @@ def markdown(results: dict) -> str:
     for label, c in s["chat_check"].items():
         lines.append(f"| {label.replace('_', ', ')} | {c['stops']}/{c['prompts']} (fp {c['full_precision_stops']}) | "
                      f"{c['ends_on_full_precision_answers']}/{c['full_precision_stops']} | "
-                     f"{c['decisive_ends'] - len(c['missed_decisive_ends'])}/{c['decisive_ends']} | "
+                     f"{c['decisive_ends_kept']}/{c['decisive_ends']} | "
                      f"{c['mean_kl']:.4f} |")
     if results["failures"]:
         lines += ["", "**Bars missed:** " + "; ".join(results["failures"])]

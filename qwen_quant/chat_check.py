@@ -127,7 +127,12 @@ class ChatReport:
     @property
     def missed_decisive_ends(self) -> list:
         """missed_ends_on_full_precision_answers where full precision ended its turn decisively (DECISIVE_MARGIN)."""
-        return [number for number in self.missed_ends_on_full_precision_answers if self.rows[number - 1].decisive_end]
+        return [number for number, row in enumerate(self.rows, start=1)
+                if row.decisive_end and row.ends_turn_on_full_precision_answer is False]
+
+    @property
+    def decisive_ends_kept(self) -> int:
+        return self.decisive_ends - len(self.missed_decisive_ends)
 
     @property
     def mean_kl(self) -> float:
@@ -303,7 +308,7 @@ def format_report(report: ChatReport) -> str:
               f"precision's is on {report.ends_on_full_precision_answers}/{report.full_precision_stops}"
               + (f" (not on {prompt_numbers(missed_ends)})" if missed_ends else ""),
               f"  where full precision ends its turn decisively (by {DECISIVE_MARGIN:g} nats or more): "
-              f"{report.decisive_ends - len(report.missed_decisive_ends)}/{report.decisive_ends}",
+              f"{report.decisive_ends_kept}/{report.decisive_ends}",
               f"mean KL(full precision || quantized) per answer token: {report.mean_kl:.4f} nats"]
     listed = [(number, row) for number, row in enumerate(report.rows, start=1) if not row.agree or row.missed_stop]
     if listed:
