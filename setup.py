@@ -12,8 +12,10 @@ setup(
     # The top-level kernels/ and calibration/ folders import as qwen_quant.kernels / qwen_quant.calibration.
     packages=["qwen_quant", "qwen_quant.kernels", "qwen_quant.calibration"],
     package_dir={"qwen_quant": "qwen_quant", "qwen_quant.kernels": "kernels", "qwen_quant.calibration": "calibration"},
-    # The embedded demo model (qwen-quantize demo runs offline straight after install) and the chat check's questions.
-    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl"], "qwen_quant.kernels": ["*.json"]},
+    # The embedded demo model (qwen-quantize demo runs offline straight after install), the chat check's questions
+    # and the source of the CPU prompt GEMM (built on first use).
+    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl", "cpu_prefill.cpp"],
+                  "qwen_quant.kernels": ["*.json"]},
     install_requires=[
         # This range resolves to the local 2.13.0 CPU build; a looser pin pulls a multi-GB CUDA build.
         "torch>=2.4,<2.14",

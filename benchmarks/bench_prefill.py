@@ -21,7 +21,7 @@ from bench_decode import PRECISIONS, make_checkpoint
 from common import add_common_args, machine, machine_line, table, write_json
 from qwen_quant import QwenForCausalLM
 from qwen_quant.published import SIZES
-from qwen_quant.qlinear import QuantLinear, cpu_prefill_route, cpu_prefill_rows
+from qwen_quant.qlinear import QuantLinear, cpu_prefill_rows, cpu_prompt_product
 
 SHAPE = "1.8B"
 PROMPTS = (64, 512)
@@ -37,15 +37,13 @@ def first_token_seconds(model: QwenForCausalLM, prompt: torch.Tensor) -> float:
 
 def prefill_route(model: QwenForCausalLM, tokens: int) -> str:
     """How a prompt of `tokens` tokens runs the model's linears: dense, a backend's kernels, or the cpu backend's
-    tiles (and from how many rows this process measured that they win)."""
+    prompt route, the native GEMM or the eager tiles (and from how many rows this process measured that it wins)."""
     linear = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
     if linear is None:
         return "dense"
     if linear.backend != "cpu":
         return linear.backend
-    dtype = cpu_prefill_route(linear, tokens)
-    start = f"tiles from {cpu_prefill_rows(linear):.0f} rows"
-    return f"{str(dtype).removeprefix('torch.')} tiles ({start})" if dtype else f"kernel ({start})"
+    return f"{cpu_prompt_product(linear, tokens)} (prompt route from {cpu_prefill_rows(linear):.0f} rows)"
 
 
 def main() -> None:

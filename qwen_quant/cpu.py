@@ -6,7 +6,8 @@ the dtype a bf16 checkpoint's blocks compute in while quantized (plan.block_comp
 backend's prefill tiles (qlinear). `QWEN_QUANT_CPU_BF16=1` or `=0` overrides the detection, so that either route runs,
 and is tested, on either kind of machine (the results differ only in rounding; the speed is the machine's).
 
-`best_seconds` times a callable here, for choices made by measuring this machine (qlinear's prefill route).
+`best_seconds` times a callable here, for choices made by measuring this machine (qlinear's prefill route), and
+`int4pack` writes codes in the layout of torch's CPU int4 kernel, which the cpu backend keeps for both bit widths.
 """
 import functools
 import os
@@ -44,3 +45,13 @@ def best_seconds(fn, calls: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def int4pack(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [K, N] (0..2^bits - 1) in torch's int4pack layout for _weight_int4pack_mm_for_cpu. 8-bit codes take two
+    4-bit rows each, their high nibbles in rows 0..K-1 and their low ones in rows K..2K-1 (the cpu backend's Int8,
+    see qlinear.CpuInt8QuantLinear)."""
+    codes_nk = codes_kn.t().to(torch.int32)
+    if bits == 8:
+        codes_nk = torch.cat([codes_nk >> 4, codes_nk & 15], dim=1)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.contiguous(), 1)

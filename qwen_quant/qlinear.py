@@ -7,9 +7,11 @@ every tensor, sorts act-order weights by group once (forward then gathers x[...,
   whose groups are not equal contiguous runs after sorting.
 - "triton": the kernels of qwen_quant.kernels for Int4 / Int8 on CUDA (or on CPU under TRITON_INTERPRET=1).
 - "cpu": torch's int4pack / int8pack CPU kernels, fed bf16 activations (the only fast dtype there), for decoding and
-  short prompts; longer prompts multiply tiles of the dequantized weight with torch's dense GEMM instead, in bf16 on
-  CPUs with fast bf16 matmuls, else in fp32 (see _tiled_matmul). The prompt length where the tiles start is measured
-  on this machine, once per process and kind of layer, by timing both routes on a probe layer (see cpu_prefill_rows).
+  short prompts. Longer prompts take the prompt route: on CPUs with fast bf16 matmuls, the native GEMM of
+  qwen_quant.cpu_prefill (AVX-512-BF16, for the int4pack layouts) or else bf16 tiles of the dequantized weight
+  multiplied by torch's dense GEMM; on the others fp32 tiles (see _tiled_matmul). The prompt length where the route
+  starts is measured on this machine, once per process and kind of layer, by timing both on a probe layer (see
+  cpu_prefill_rows).
 - "auto": triton on CUDA for 4 / 8 bits, cpu on CPU where its kernels accept the layout, else torch.
 
 Backends are subclasses of QuantLinear; all of them take x [..., K] in any float dtype and return [..., N] in x's
@@ -31,8 +33,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qwen_quant import packing
-from qwen_quant.cpu import best_seconds, fast_bf16_matmul
+from qwen_quant import cpu_prefill, packing
+from qwen_quant.cpu import best_seconds, fast_bf16_matmul, int4pack
 from qwen_quant.finite import all_finite
 
 logger = logging.getLogger("qwen_quant")
@@ -434,10 +436,6 @@ def _float_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_WIDTH_INT[t.dtype])
 
 
-def _int4pack(codes_nk: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.to(torch.int32).contiguous(), 1)
-
-
 def _int4pack_codes(packed: torch.Tensor, kernel_group: int, K: int, N: int, rows_per_call: int = 512):
     """The 4-bit codes [K, N] (fp32) of an int4pack weight, read back through the kernel itself since the packed
     layout depends on the CPU's vector width: identity rows with scale 1 and zero 8 return each code exactly.
@@ -518,9 +516,10 @@ def _codes_of_halves(halves: torch.Tensor) -> torch.Tensor:
 def cpu_prefill_scratch_bytes(K: int, bits: int) -> int:
     """The most scratch (see _scratch) the prefill tiles of a layer with K inputs keep, per thread: a tile of at most
     max(64, CPU_PREFILL_TILE_WEIGHTS // K) columns (int4pack blocks are 32 or 64 wide) costs 8 bytes a weight at 4
-    bits (split halves, codes, the fp32 tile, its bf16 copy) and 8.5 at 8 bits (the low nibbles besides)."""
+    bits (split halves, codes, the fp32 tile, its bf16 copy) and 8.5 at 8 bits (the low nibbles besides); or the
+    native GEMM's panels, if more (they are not, below K = 65536 on two threads)."""
     weights = max(64, CPU_PREFILL_TILE_WEIGHTS // K // 64 * 64) * K
-    return weights * (17 if bits == 8 else 16) // 2
+    return max(weights * (17 if bits == 8 else 16) // 2, cpu_prefill.scratch_bytes(K))
 
 
 def _column_spans(N: int, K: int, block: int) -> list:
@@ -540,7 +539,7 @@ def _int4pack_block() -> Optional[int]:
     for block in (64, 32):
         rows, N = 8, 2 * block + 16
         codes = torch.randint(0, 16, (N, rows), generator=gen, dtype=torch.int32)
-        packed = _int4pack(codes)
+        packed = int4pack(codes.t(), 4)
         read = [_int4pack_codes_tile(packed, rows, n0, n1, block) for n0, n1 in _column_spans(N, rows, block)]
         if torch.equal(torch.cat(read, 1).t().to(torch.int32), codes):
             return block
@@ -568,6 +567,16 @@ def _tiled_matmul(x2: torch.Tensor, spans: list, weight_tile, dtype: torch.dtype
     for n0, n1 in spans:
         torch.mm(x, weight_tile(n0, n1), out=y[:, n0:n1])
     return y
+
+
+def _native_product(x2: torch.Tensor, dtype: torch.dtype, packed: torch.Tensor, scales: torch.Tensor,
+                    offsets: torch.Tensor, bits: int, block: int, out_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The product by the native prompt GEMM (cpu_prefill) where the route is bf16 and it runs here, else None: in
+    out_dtype, from fp32 sums of x2 (rounded to bf16) times the codes, each group's scale and offset applied to its
+    sum, so more exact than the eager bf16 tiles, which round each weight to bf16."""
+    if dtype != torch.bfloat16:
+        return None
+    return cpu_prefill.matmul(x2, packed, scales, offsets, bits, block, out_dtype)
 
 
 def crossover_rows(kernel_seconds: tuple, tile_seconds: tuple, rows: tuple = CPU_PREFILL_PROBE_ROWS) -> float:
@@ -638,6 +647,18 @@ def cpu_prefill_route(module: QuantLinear, rows: int) -> Optional[torch.dtype]:
     return _prefill_dtype() if rows >= cpu_prefill_rows(module) else None
 
 
+def cpu_prompt_product(module: QuantLinear, rows: int) -> str:
+    """How a prompt of `rows` rows runs through this cpu-backend module, for reports: "kernel", "native GEMM"
+    (cpu_prefill, for the int4pack layouts where the route is bf16 and it runs here), or "bf16 tiles" / "fp32 tiles"
+    (the eager tiles)."""
+    dtype = cpu_prefill_route(module, rows)
+    if dtype is None:
+        return "kernel"
+    if dtype == torch.bfloat16 and module.kernel_group is not None and cpu_prefill.module() is not None:
+        return "native GEMM"
+    return f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')} tiles"
+
+
 def _prefill_dtype() -> torch.dtype:
     return torch.bfloat16 if fast_bf16_matmul() else torch.float32
 
@@ -667,7 +688,7 @@ class CpuInt4QuantLinear(QuantLinear):
         scales = w.scales.to(torch.float32)[rows]
         zeros = (8 - w.zeros[rows].to(torch.float32)) * scales
         self._buffer("scales_and_zeros", _float_bits(torch.stack([scales, zeros], -1).to(torch.bfloat16)))
-        self._buffer("weight_int4pack", _int4pack(w.codes().t()))
+        self._buffer("weight_int4pack", int4pack(w.codes(), 4))
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
@@ -687,6 +708,9 @@ class CpuInt4QuantLinear(QuantLinear):
         scales = scales.contiguous()
         offsets = zeros - 8 * scales  # (q - 8) * scale + zero = q * scale + offset
         K, block = self.in_features, _int4pack_block()
+        native = _native_product(x2, dtype, self.weight_int4pack, scales, offsets, 4, block, x2.dtype)
+        if native is not None:
+            return native
 
         def weight_tile(n0, n1):
             codes = _int4pack_codes_tile(self.weight_int4pack, K, n0, n1, block)
@@ -750,13 +774,13 @@ class CpuInt8QuantLinear(QuantLinear):
         hi = torch.stack([scales[rows] * 16, torch.zeros_like(scales[rows])], -1)
         lo = torch.stack([scales[rows], scales[rows] * 8], -1)
         self._buffer("scales_and_zeros", _float_bits(torch.cat([hi, lo])))
-        self._buffer("weight_int4pack", _int4pack(torch.cat([codes_nk >> 4, codes_nk & 15], dim=1)))
+        self._buffer("weight_int4pack", int4pack(w.codes(), 8))
 
     def _matmul(self, x2):
         _check_cpu(self, x2)
         dtype = cpu_prefill_route(self, x2.shape[0])
         x_applied = x2.to(dtype or torch.bfloat16).contiguous()  # the x the product sees
-        y = self._tile_product(x_applied, dtype) if dtype else self._kernel_product(x_applied)
+        y = self._tile_product(x_applied, dtype, x2.dtype) if dtype else self._kernel_product(x_applied)
         if self.zero_scales is None:
             return self._add_bias(y.to(x2.dtype))
         zero_scales = self.zero_scales.view(torch.float32)
@@ -771,8 +795,9 @@ class CpuInt8QuantLinear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x2, x2], dim=1), self.weight_int4pack,
                                                           self.kernel_group, scales_and_zeros)
 
-    def _tile_product(self, x2, dtype):
-        """x2 @ the same q' * s through tiles of `dtype`: grouped, tiles of q' * s rounded to dtype; one group per
+    def _tile_product(self, x2, dtype, out_dtype=None):
+        """x2 @ the same q' * s through tiles of `dtype`: grouped, tiles of q' * s rounded to dtype (or the native
+        GEMM, its result in out_dtype, default x2's: fp32 sums serve fp32 models and the zero term); one group per
         channel, tiles of q' alone (exact in either dtype), each channel's s applied to the product."""
         K, N = self.in_features, self.out_features
         if self.kernel_group is None:
@@ -785,6 +810,9 @@ class CpuInt8QuantLinear(QuantLinear):
         scales = scales_and_zeros[scales_and_zeros.shape[0] // 2:, :, 0].to(torch.float32).contiguous()
         offsets = -128 * scales
         block = _int4pack_block()
+        native = _native_product(x2, dtype, self.weight_int4pack, scales, offsets, 8, block, out_dtype or x2.dtype)
+        if native is not None:
+            return native
 
         def weight_tile(n0, n1):
             codes = _int8_codes_tile(self.weight_int4pack, K, n0, n1, block)

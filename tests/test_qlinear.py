@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from qwen_quant import packing, qlinear, synthetic
+from qwen_quant import cpu_prefill, packing, qlinear, synthetic
 from qwen_quant.cpu import BF16_ENV
 from qwen_quant.qlinear import QuantLinear
 
@@ -113,52 +113,77 @@ def prefill_probe(monkeypatch):
     qlinear._measured_prefill_rows.cache_clear()  # the next test measures for itself
 
 
-def spy_tiles(monkeypatch) -> list:
-    """The dtype of every tiled product run from now on."""
-    runs, tiled_matmul = [], qlinear._tiled_matmul
+def spy_routes(monkeypatch) -> list:
+    """How every prompt product runs from now on: "native" (cpu_prefill's GEMM) or the eager tiles' dtype."""
+    runs, tiled_matmul, native_matmul = [], qlinear._tiled_matmul, cpu_prefill.matmul
     monkeypatch.setattr(qlinear, "_tiled_matmul",
                         lambda x2, spans, weight_tile, dtype: runs.append(dtype) or tiled_matmul(x2, spans,
                                                                                                  weight_tile, dtype))
+
+    def spy_native(*args, **kwargs):
+        y = native_matmul(*args, **kwargs)
+        if y is not None:
+            runs.append("native")
+        return y
+    monkeypatch.setattr(cpu_prefill, "matmul", spy_native)
     return runs
+
+
+def prompt_route(cpu_bf16: bool, int4pack: bool = True):
+    """What a prompt past the crossover runs (see spy_routes): fp32 tiles without bf16 matmuls; with them the native
+    GEMM for int4pack layouts (Int4, grouped Int8) on a CPU where it runs (AVX-512-BF16), else bf16 tiles."""
+    if not cpu_bf16:
+        return torch.float32
+    return "native" if int4pack and cpu_prefill.module() is not None else torch.bfloat16
+
+
+@pytest.fixture(params=["native", "eager"])
+def native(request, monkeypatch) -> bool:
+    """The bf16 route as it runs here, and with the native GEMM taken away (its fallback, the eager bf16 tiles)."""
+    if request.param == "eager":
+        monkeypatch.setattr(cpu_prefill, "module", lambda: None)
+    return request.param == "native"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, cpu_bf16, prefill_probe,
-                                                    monkeypatch):
-    """The tiles hold the weight the kernels apply, rounded to the tiles' dtype: bf16 on CPUs with fast bf16 matmuls,
-    fp32 on the others (both forced here, whatever this CPU is). Identity rows read the applied weight back element
-    by element. N = 592 spans a full tile, a partial one and int4pack's short last block (CPU_PREFILL_TILE_WEIGHTS
-    is lowered to make tiles of 192 columns); K = 320 ends in a short group at g128."""
+def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric, act_order, cpu_bf16, native,
+                                                    prefill_probe, monkeypatch):
+    """Long prompts apply the kernels' weight: through tiles of it rounded to the tiles' dtype (bf16 on CPUs with
+    fast bf16 matmuls, fp32 on the others; both forced here, whatever this CPU is), or through the native GEMM, which
+    applies it in fp32 to x rounded to bf16. Identity rows read the applied weight back element by element. N = 592
+    spans a full tile, a partial one and int4pack's short last block (CPU_PREFILL_TILE_WEIGHTS is lowered to make
+    tiles of 192 columns); K = 320 ends in a short group at g128."""
     set_crossover, _ = prefill_probe
     set_crossover(8)
     monkeypatch.setattr(qlinear, "CPU_PREFILL_TILE_WEIGHTS", 320 * 192)
-    runs = spy_tiles(monkeypatch)
+    runs = spy_routes(monkeypatch)
     layer = Layer(320, 592, bits, group_size, symmetric=symmetric, act_order=act_order, bias=False,
                   seed=bits + group_size)
     module = layer.build("cpu")
     applied = module.dequantize().t().double()  # [K, N], checkpoint input order
     read_back = module(torch.eye(layer.K)).double()
-    dtype = torch.bfloat16 if cpu_bf16 else torch.float32
-    assert runs == [dtype]
+    route = prompt_route(cpu_bf16, int4pack=bits == 4 or group_size != -1)
+    assert runs == [route]
     # Int8 tiles hold (q - 128) * s, its zero points subtracted after them in fp32, as in the kernels' path.
     zero_scales = (layer.zeros - 128).double() * layer.scales.bfloat16().double()
     zero_term = 0 if bits == 4 else zero_scales[layer.g_idx.long()]
-    # Each tile weight is the applied one rounded to the tiles' dtype: within half a unit in its last place (plus
-    # fp32 rounding where the applied weight nearly cancels to zero).
-    half_ulp = 2.0 ** -8 if cpu_bf16 else 2.0 ** -24
+    # Each weight read back is the applied one rounded to the tiles' dtype (the native GEMM's: fp32): within half a
+    # unit in its last place (plus fp32 rounding where the applied weight nearly cancels to zero).
+    half_ulp = 2.0 ** -8 if route == torch.bfloat16 else 2.0 ** -24
     slack = 2.0 ** -20 * applied.abs().max()
     assert ((read_back - applied).abs() <= half_ulp * (applied + zero_term).abs() + slack).all()
     x = torch.randn(8, layer.K)
     y = module(x)
-    assert y.dtype == torch.float32 and runs == [dtype] * 2
+    assert y.dtype == torch.float32 and runs == [route] * 2
     assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
-    if not cpu_bf16:  # fp32 activations and accumulation: far closer to the kernels' weight than the kernels get
-        assert relative_error(y, x.double() @ applied) < 1e-5
+    if route != torch.bfloat16:  # fp32 weights and sums: far closer to the kernels' weight than the kernels get
+        x_applied = x if route == torch.float32 else x.bfloat16()
+        assert relative_error(y, x_applied.double() @ applied) < 1e-5
     kernel_rows = module(x[:7])  # one row fewer than measured: the kernels
-    assert runs == [dtype] * 2
+    assert runs == [route] * 2
     assert 1e-5 < relative_error(kernel_rows, x[:7].double() @ applied) < 4e-3
 
 
@@ -172,12 +197,13 @@ def test_cpu_prefill_route_follows_the_measurement(bits, group_size, symmetric, 
     """Prompts from the measured crossover on run the tiles, shorter ones the kernel; one row always the kernel; a
     probe where the tiles never win keeps every prompt on the kernel. Each kind of layer is probed once."""
     set_crossover, probed = prefill_probe
-    runs = spy_tiles(monkeypatch)
+    runs = spy_routes(monkeypatch)
     layer = Layer(256, 128, bits, group_size, symmetric=symmetric, act_order=act_order, seed=bits)
     module = layer.build("cpu")
     dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    tiles = prompt_route(cpu_bf16, int4pack=bits == 4 or group_size != -1)
     set_crossover(40)
-    for rows, route in ((39, []), (40, [dtype]), (1, []), (300, [dtype])):
+    for rows, route in ((39, []), (40, [tiles]), (1, []), (300, [tiles])):
         runs.clear()
         x = torch.randn(rows, layer.K)
         assert relative_error(module(x), layer.expected(x)) < BF16_TOLERANCE
@@ -187,7 +213,7 @@ def test_cpu_prefill_route_follows_the_measurement(bits, group_size, symmetric, 
     runs.clear()
     module(torch.randn(1, layer.K))
     module(torch.randn(2, layer.K))
-    assert runs == [dtype]
+    assert runs == [tiles]
     set_crossover(None)
     runs.clear()
     module(torch.randn(1000, layer.K))
@@ -218,10 +244,10 @@ def test_prefill_probe_times_both_routes(bits, per_channel, cpu_bf16, monkeypatc
     """The probe runs the kernel and the tiles of its kind at both lengths (what the times are is this machine's
     business; none is asserted)."""
     monkeypatch.setattr(qlinear, "CPU_PREFILL_PROBE_SHAPE", (256, 128))
-    runs = spy_tiles(monkeypatch)
+    runs = spy_routes(monkeypatch)
     kernel, tiles = qlinear._time_prefill_routes(bits, per_channel, torch.bfloat16 if cpu_bf16 else torch.float32)
     assert len(kernel) == len(tiles) == 2 and min(kernel + tiles) > 0
-    assert runs == [torch.bfloat16 if cpu_bf16 else torch.float32] * 8  # a warm-up and three calls, two lengths
+    assert runs == [prompt_route(cpu_bf16, int4pack=not per_channel)] * 8  # a warm-up and three calls, two lengths
 
 
 def test_best_seconds_is_the_fastest_call_after_a_warm_up(monkeypatch):
