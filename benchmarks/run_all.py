@@ -64,10 +64,10 @@ def markdown(results: dict) -> str:
     p = results["prefill"]
     lines += ["", f"**Prompt processing on this CPU** (Qwen-{p['shape']} shapes, {p['layers']} blocks, first token, "
               f"models in turns, median of {p['rounds']} rounds):", "",
-              "| prompt tokens | precision | backend | first token s | vs bf16 |", "|---|---|---|---|---|"]
+              "| prompt tokens | precision | backend | route | first token s | vs bf16 |", "|---|---|---|---|---|---|"]
     for r in p["rows"]:
-        lines.append(f"| {r['prompt_tokens']} | {r['precision']} | {r['backend']} | {r['median_s']:.3f} | "
-                     f"{r['speed_vs_bf16']:.2f}x |")
+        lines.append(f"| {r['prompt_tokens']} | {r['precision']} | {r['backend']} | {r['route']} | "
+                     f"{r['median_s']:.3f} | {r['speed_vs_bf16']:.2f}x |")
     s = results["smollm2"]
     gptq = s["rows"][0]
     lines += ["", f"**SmolLM2-135M** (30 blocks; perplexity on the first {s['windows']} windows of 2048 of WikiText-2 "
