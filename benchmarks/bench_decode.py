@@ -8,14 +8,16 @@ llama.cpp.
   (llama-cpp-python, optional: pip install llama-cpp-python) decoding the GGUF the model was built from, greedy, on
   as many threads as torch uses.
 Speed = (new tokens - 1) / seconds from the first new token to the last: the decode steps alone, prompt excluded,
-timed alike for every engine. Each run is a fresh process (its memory is its own); a compiled run is first compiled
-and warmed on the same cache shape, and its compile time is reported apart.
+timed alike for every engine, the median of --repeats generations (default 3; --quick: 1). Each run is a fresh
+process (its memory is its own); a compiled run is first compiled and warmed on the same cache shape, and its
+compile time is reported apart.
 
-    python benchmarks/bench_decode.py [--quick] [--compile] [--smollm2] [--tokens N] [--shape 1.8B] [--layers L]
-        [--json PATH]
+    python benchmarks/bench_decode.py [--quick] [--compile] [--smollm2] [--tokens N] [--repeats R] [--shape 1.8B]
+        [--layers L] [--json PATH]
 """
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ def decode_rate(step_times: list) -> float:
     return (len(step_times) - 1) / (step_times[-1] - step_times[0])
 
 
-def decode(folder: str, prompt: list, tokens: int, device: str, compiled: bool, dtype=None) -> dict:
+def decode(folder: str, prompt: list, tokens: int, device: str, compiled: bool, repeats: int, dtype=None) -> dict:
     model = QwenForCausalLM.from_pretrained(folder, device=device, dtype=dtype)
     prompt = torch.tensor([prompt], device=device)
     # The cache the timed run needs, made first, so that warming up compiles the step the timed run uses.
@@ -50,32 +52,38 @@ def decode(folder: str, prompt: list, tokens: int, device: str, compiled: bool, 
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step_times = []
+    rates = []
+    for _ in range(repeats):
+        step_times = []
 
-    def stamp(_token):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter())
+        def stamp(_token):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter())
 
-    out = model.generate(prompt, max_new_tokens=tokens, compile=compiled, streamer=stamp)
-    assert out.shape[1] == prompt.shape[1] + tokens
-    return {"tokens_per_s": decode_rate(step_times), "warmup_s": warmup_s,
+        out = model.generate(prompt, max_new_tokens=tokens, compile=compiled, streamer=stamp)
+        assert out.shape[1] == prompt.shape[1] + tokens
+        rates.append(decode_rate(step_times))
+    return {"tokens_per_s": statistics.median(rates), "warmup_s": warmup_s,
             "loaded_bytes": measure_loaded_bytes(model)["total"],
             "backend": next((m.backend for m in model.modules() if hasattr(m, "backend")), "dense")}
 
 
-def llama_cpp_decode(gguf: str, prompt: list, tokens: int, threads: int) -> dict:
+def llama_cpp_decode(gguf: str, prompt: list, tokens: int, threads: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_ctx=len(prompt) + tokens + 8, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     for _ in zip(range(4), llm.generate(prompt, top_k=1, temp=0.0)):  # warm up
         pass
-    llm.reset()
-    step_times = []
-    for _ in zip(range(tokens), llm.generate(prompt, top_k=1, temp=0.0)):
-        step_times.append(time.perf_counter())
-    return {"tokens_per_s": decode_rate(step_times)}
+    rates = []
+    for _ in range(repeats):
+        llm.reset()
+        step_times = []
+        for _ in zip(range(tokens), llm.generate(prompt, top_k=1, temp=0.0)):
+            step_times.append(time.perf_counter())
+        rates.append(decode_rate(step_times))
+    return {"tokens_per_s": statistics.median(rates)}
 
 
 def make_checkpoint(root: Path, precision: str, shape: str, layers: int) -> Path:
@@ -91,10 +99,11 @@ def modes(compile_too: bool) -> list:
     return [False, True] if compile_too else [False]
 
 
-def run_row(model: str, precision: str, folder, prompt: list, tokens: int, device: str, compiled: bool) -> dict:
+def run_row(model: str, precision: str, folder, prompt: list, tokens: int, device: str, compiled: bool,
+            repeats: int) -> dict:
     # "bf16" is the dtype of a dense row whatever its checkpoint holds (SmolLM2's build is fp32).
     dtype = torch.bfloat16 if precision == "bf16" else None
-    run = isolated(decode, str(folder), prompt, tokens, device, compiled, dtype)
+    run = isolated(decode, str(folder), prompt, tokens, device, compiled, repeats, dtype)
     return {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager",
             "backend": run["result"]["backend"], "tokens_per_s": run["result"]["tokens_per_s"],
             "warmup_s": run["result"]["warmup_s"], "loaded_gib": run["result"]["loaded_bytes"] / GIB,
@@ -125,7 +134,7 @@ def protocol_rows(args, layers: int, tokens: int) -> list:
                                        tokens=tokens + 4, device=args.device)
             for compiled in modes(args.compile):
                 rows.append(run_row(f"Qwen-{args.shape} shapes", precision, folder, prompt, tokens, args.device,
-                                    compiled))
+                                    compiled, args.repeats))
                 rows[-1].update(checkpoint_gib=folder_bytes / GIB, estimate_gib=estimate.total / GIB)
             for f in folder.iterdir():
                 f.unlink()
@@ -147,10 +156,10 @@ def smollm2_rows(args) -> list:
             quantize(fp, folders[f"int{bits}"], bits=bits, group_size=128, method="rtn", mse=False, progress=False)
         for precision, folder in folders.items():
             for compiled in modes(args.compile):
-                rows.append(run_row("SmolLM2-135M", precision, folder, prompt, 64, "cpu", compiled))
+                rows.append(run_row("SmolLM2-135M", precision, folder, prompt, 64, "cpu", compiled, args.repeats))
     gguf = data / "smollm2_135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     try:
-        run = isolated(llama_cpp_decode, str(gguf), prompt, 64, torch.get_num_threads())
+        run = isolated(llama_cpp_decode, str(gguf), prompt, 64, torch.get_num_threads(), args.repeats)
         rows.append({"model": "SmolLM2-135M", "precision": "GGUF Q4_1", "mode": "llama.cpp", "backend": "llama.cpp",
                      "tokens_per_s": run["result"]["tokens_per_s"], "peak_rss_gib": run["peak_rss_bytes"] / GIB})
     except ImportError:
@@ -175,7 +184,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True) beside eager")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (real weights) and llama.cpp")
+    parser.add_argument("--repeats", type=int, default=None, help="timed generations a row, median (default 3; "
+                        "--quick: 1)")
     args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 3)
     size = SIZES[args.shape]
     layers = args.layers or (4 if args.quick else size.layers)
     tokens = args.tokens or (16 if args.quick else 64 if args.device == "cpu" else 2048)

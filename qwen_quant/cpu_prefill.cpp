@@ -1,5 +1,6 @@
 // The cpu backend's prompt GEMM: y = x @ W for a weight in torch's int4pack layout, W = code * scale + offset with a
-// scale and offset per group of input rows and output column. Built on first use by qwen_quant/cpu_prefill.py.
+// scale and offset per group of input rows and output column: qwen_quant::prefill_matmul, a torch operator (see
+// qwen_quant/cpu_prefill.py).
 //
 // Each thread takes a block of 64 output columns at a time; per group of rows it writes the block's codes as exact
 // bf16 numbers (0..15 or 0..255) into a panel in oneDNN's VNNI layout (pairs of rows side by side, [rows / 2][64][2],
@@ -17,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -162,9 +164,7 @@ AVX512BF16 void store_bf16_avx512(const float* total, at::BFloat16* out, int64_t
                                                              _mm512_loadu_ps(total + m * kColumns + 16 * q)));
 }
 
-}  // namespace
-
-static bool has_avx512_bf16() {
+bool has_avx512_bf16() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bf16");
@@ -237,4 +237,15 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
         at::native::cpublas::brgemm_release(true);  // per thread: AMX keeps a tile configuration per thread
     });
     return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen_quant, m) {
+    m.def("prefill_matmul(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, bool vector, "
+          "bool out_bf16) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwen_quant, CPU, m) {
+    m.impl("prefill_matmul", prefill_matmul);
 }

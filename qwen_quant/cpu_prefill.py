@@ -1,5 +1,6 @@
-"""The cpu backend's prompt GEMM (cpu_prefill.cpp), for CPUs with AVX-512-BF16: int4pack codes multiplied by
-oneDNN's bf16 microkernel in panels that never leave the L1 cache, each group's scale applied to its fp32 sums.
+"""The cpu backend's prompt GEMM (qwen_quant::prefill_matmul, cpu_prefill.cpp), for CPUs with AVX-512-BF16: int4pack
+codes multiplied by oneDNN's bf16 microkernel in panels that never leave the L1 cache, each group's scale applied to
+its fp32 sums.
 
 Why native: on the 2-core AVX-512-bf16 machine a dense bf16 GEMM of 64 prompt rows takes about 0.17 ms per million
 weights, torch's int4pack kernel 0.4 (it multiplies in fp32, a GEMV per row), and bf16 tiles dequantized for the
@@ -7,31 +8,27 @@ dense GEMM by torch's elementwise operations 0.23 more (prompts ran at 0.65-0.85
 reads int4pack codes inside its loop; its brgemm microkernel (at::native::cpublas::brgemm, which its CPU flash
 attention and inductor's GEMM templates use) can be reached from C++ only.
 
-Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja, which torch.compile on the CPU needs too)
-into torch's extension cache (~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), once per machine and source:
-about 20 s. Then checked once against a plain fp64 product, so that a CPU this was never run on (AMX, say) cannot
-get wrong sums. Where the CPU has no AVX-512-BF16, oneDNN's brgemm is disabled (torch.backends.mkldnn), the build
-fails or the check does, `module()` is None (the last two with a warning) and prompts run the cpu backend's
-elementwise tiles instead.
+Built with our other native kernels (qwen_quant.cpu_native), then checked once against a plain fp64 product, so that
+a CPU this was never run on (AMX, say) cannot get wrong sums. Where the CPU has no AVX-512-BF16, oneDNN is disabled
+(torch.backends.mkldnn: its brgemm refuses VNNI panels then), the build fails or the check does, `module()` is None
+(the last two with a warning) and prompts run the cpu backend's elementwise tiles instead.
 """
 import functools
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from qwen_quant import cpu_native
 from qwen_quant.cpu import detected_fast_bf16_matmul, int4pack
 
 logger = logging.getLogger("qwen_quant")
 
-SOURCE = Path(__file__).with_name("cpu_prefill.cpp")
-
 
 def module():
-    """The built and checked extension, or None where it does not run here (see the module's docstring)."""
+    """The checked operators (torch.ops.qwen_quant), or None where the GEMM does not run here (see above)."""
     if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
-        return None  # at::native::cpublas::brgemm refuses VNNI panels without oneDNN
+        return None
     return _built_and_checked()
 
 
@@ -39,15 +36,8 @@ def module():
 def _built_and_checked():
     if not detected_fast_bf16_matmul() or not torch.cpu._is_avx512_bf16_supported():
         return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-        logger.info("cpu backend: loading its prompt GEMM %s (built once per machine and version, about 20 s)", SOURCE)
-        built = load_inline("qwen_quant_cpu_prefill", cpp_sources=SOURCE.read_text(encoding="utf-8"),
-                            functions=["prefill_matmul"],
-                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # a missing compiler or ninja, a failed build: the eager tiles serve instead
-        logger.warning("cpu backend: its prompt GEMM could not be built (%s: %s); prompts run torch's elementwise "
-                       "tiles instead, slower", type(error).__name__, error)
+    built = cpu_native.ops()
+    if built is None:
         return None
     error = _self_check(built)
     if error is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .config import QwenConfig
 from .layout import BLOCKS, RESIDUAL_GROUP, Layout, layout_of
 from .loading import load_dequantized_weights, load_weights, open_checkpoint
@@ -92,6 +93,9 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
+        # One query attends through our CPU operator where it runs (qwen_quant.cpu_attention): decided here, outside
+        # any compiled step, so that tracing one reads a constant.
+        self.one_query_op = cpu_attention.serves(torch.device(device), dtype, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -161,6 +165,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope.use_cache:
             k, v = self.cache.update(rope.positions, k, v)
+        if T == 1 and rope.use_cache and self.cache.one_query_op:
+            y = cpu_attention.attend(q, k, v, rope.mask)
+            return y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         gqa, dtype = self.kv_heads != self.heads, q.dtype
         if T == 1 and q.device.type == "cpu":
             # One query on the CPU: the half-precision attention kernel takes 3-4.5x the time of converting to fp32

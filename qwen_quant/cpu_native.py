@@ -1,0 +1,37 @@
+"""Our native CPU kernels, torch operators in the namespace qwen_quant: the prompt GEMM (cpu_prefill.cpp, see
+qwen_quant.cpu_prefill) and one query's attention over the KV cache (cpu_attention.cpp, see qwen_quant.cpu_attention).
+
+Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja, which torch.compile on the CPU needs too)
+into torch's extension cache (~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), once per machine and version of
+the sources: about 30 s. Where they cannot be built, `ops()` is None, one warning says why, and the model runs
+torch's own operations instead (slower, the same results within rounding).
+"""
+import functools
+import logging
+import platform
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("qwen_quant")
+
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_prefill.cpp", "cpu_attention.cpp")]
+
+
+@functools.lru_cache(maxsize=None)
+def ops() -> Optional[object]:
+    """torch.ops.qwen_quant with our operators loaded, or None where they cannot be built here (logged once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # the kernels are written for x86-64
+    try:
+        from torch.utils.cpp_extension import load
+        logger.info("cpu backend: loading its native kernels %s (built once per machine and version, about 30 s)",
+                    ", ".join(path.name for path in SOURCES))
+        load("qwen_quant_cpu_native", [str(path) for path in SOURCES], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as error:  # a missing compiler or ninja, a failed build: torch's operations serve instead
+        logger.warning("cpu backend: its native kernels could not be built (%s: %s); torch's own operations run "
+                       "instead, slower", type(error).__name__, error)
+        return None
+    return torch.ops.qwen_quant
