@@ -3,16 +3,11 @@
 fullgraph=True turns any host read in the cached forward (int(tensor), .item(), a branch on a tensor's value) into a
 compile error, so these tests also keep the cached forward free of them (test_a_host_read_in_the_cached_forward_fails
 shows that they would catch one)."""
-import json
-import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qwen_quant import QwenForCausalLM
-from qwen_quant.quantize import quantize
 from qwen_quant.synthetic import save_random_checkpoint
 from tiny_model import tiny_config
 
@@ -27,22 +22,6 @@ def same_tokens_eager_and_compiled(model, prompt, new_tokens, **sampling):
 def test_stories_compiled_greedy_equals_eager(stories_dir):
     model = QwenForCausalLM.from_pretrained(stories_dir)
     same_tokens_eager_and_compiled(model, torch.tensor([1]), 64)
-
-
-@pytest.fixture(scope="module")
-def smollm2_two_blocks(smollm2_dir, tmp_path_factory):
-    """SmolLM2's real embedding, first two blocks and head with its tokenizer, full precision and RTN Int4 (all 30
-    blocks would take minutes to compile on 2 cores; two exercise every op of a step)."""
-    root = tmp_path_factory.mktemp("smollm2_two_blocks")
-    (root / "fp").mkdir()
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    (root / "fp" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    shutil.copy(smollm2_dir / "tokenizer.json", root / "fp")
-    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
-        kept = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("transformer.h.") or int(n.split(".")[2]) < 2}
-    save_file(kept, root / "fp" / "model.safetensors", metadata={"format": "pt"})
-    quantize(root / "fp", root / "int4", method="rtn", group_size=64, mse=False, progress=False)
-    return root
 
 
 @pytest.mark.parametrize("precision, backend", [("fp", "auto"), ("int4", "cpu"), ("int4", "torch")])

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from qwen_quant import cpu_prefill
+from qwen_quant import cpu_native, cpu_prefill
 from qwen_quant.cpu import int4pack
 
 RUNS_HERE = torch.cpu._is_avx512_bf16_supported() and torch.backends.mkldnn.is_available()
@@ -90,9 +90,12 @@ def test_self_check_refuses_wrong_sums():
 
 @pytest.fixture
 def fresh_build():
+    """The build and the check run again in this test, and once more after it (from torch's build cache)."""
+    cpu_native.ops.cache_clear()
     cpu_prefill._built_and_checked.cache_clear()
     yield
-    cpu_prefill._built_and_checked.cache_clear()  # the next test builds (from torch's cache) and checks again
+    cpu_native.ops.cache_clear()
+    cpu_prefill._built_and_checked.cache_clear()
 
 
 def test_a_failed_build_or_check_leaves_the_eager_tiles_with_a_warning(fresh_build, monkeypatch, caplog):
@@ -104,16 +107,17 @@ def test_a_failed_build_or_check_leaves_the_eager_tiles_with_a_warning(fresh_bui
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
-    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger="qwen_quant"):
-        assert cpu_prefill.module() is None
+        assert cpu_native.ops() is None and cpu_prefill.module() is None
     assert "could not be built" in caplog.text and "no C++ compiler here" in caplog.text
     monkeypatch.undo()
+    cpu_native.ops.cache_clear()
     cpu_prefill._built_and_checked.cache_clear()
     caplog.clear()
     monkeypatch.setattr(cpu_prefill, "_self_check", lambda built: "Int4, AVX-512 panels: error 1 > 0.001")
     with caplog.at_level(logging.WARNING, logger="qwen_quant"):
-        assert cpu_prefill.module() is None
+        assert cpu_native.ops() is not None and cpu_prefill.module() is None
     assert "disagrees with a plain product" in caplog.text and "error 1 > 0.001" in caplog.text
 
 
