@@ -1,12 +1,12 @@
 """One query's attention over the KV cache on the CPU: qwen_quant::one_query_attention (cpu_attention.cpp), which
 decoding uses wherever it runs (Attention.mix): it reads the cache in its own dtype at the positions the mask lets
-through, in fp32, so an eager step and a compiled one (whose cache is longer) give the same bits.
+through, in fp32, so its result does not depend on the cache's length (an eager step's exact one, a compiled step's
+rounded up to 256 positions).
 
 Built with our other native kernels (qwen_quant.cpu_native), then checked once against torch's attention in fp32;
 where either fails, `ready()` is False (the check with a warning) and decoding runs torch's attention.
 """
 import functools
-import logging
 from typing import Optional
 
 import torch
@@ -14,23 +14,13 @@ import torch.nn.functional as F
 
 from qwen_quant import cpu_native
 
-logger = logging.getLogger("qwen_quant")
-
 CACHE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def ready() -> bool:
     """Whether the operator is built and agrees with torch's attention here."""
-    built = cpu_native.ops()
-    if built is None:
-        return False
-    error = _self_check(built)
-    if error is not None:
-        logger.warning("cpu backend: its one-query attention disagrees with torch's on this CPU (%s); decoding runs "
-                       "torch's attention instead", error)
-        return False
-    return True
+    return cpu_native.checked(_self_check, "one-query attention", "decoding runs torch's attention instead") is not None
 
 
 def serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

@@ -10,7 +10,7 @@ import functools
 import logging
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,3 +35,17 @@ def ops() -> Optional[object]:
                        "instead, slower", type(error).__name__, error)
         return None
     return torch.ops.qwen_quant
+
+
+def checked(self_check: Callable, kernel: str, instead: str) -> Optional[object]:
+    """ops(), where self_check(ops) finds nothing wrong with `kernel` on this CPU (it returns what is wrong, or None);
+    else None and a warning that says what and that `instead` runs."""
+    built = ops()
+    if built is None:
+        return None
+    error = self_check(built)
+    if error is not None:
+        logger.warning("cpu backend: its %s disagrees with torch's own results on this CPU (%s); %s", kernel, error,
+                       instead)
+        return None
+    return built

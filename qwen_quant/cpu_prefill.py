@@ -14,15 +14,12 @@ a CPU this was never run on (AMX, say) cannot get wrong sums. Where the CPU has 
 (the last two with a warning) and prompts run the cpu backend's elementwise tiles instead.
 """
 import functools
-import logging
 from typing import Optional
 
 import torch
 
 from qwen_quant import cpu_native
 from qwen_quant.cpu import detected_fast_bf16_matmul, int4pack
-
-logger = logging.getLogger("qwen_quant")
 
 
 def module():
@@ -36,15 +33,7 @@ def module():
 def _built_and_checked():
     if not detected_fast_bf16_matmul() or not torch.cpu._is_avx512_bf16_supported():
         return None
-    built = cpu_native.ops()
-    if built is None:
-        return None
-    error = _self_check(built)
-    if error is not None:
-        logger.warning("cpu backend: its prompt GEMM disagrees with a plain product on this CPU (%s); prompts run "
-                       "torch's elementwise tiles instead", error)
-        return None
-    return built
+    return cpu_native.checked(_self_check, "prompt GEMM", "prompts run torch's elementwise tiles instead")
 
 
 def _self_check(built) -> Optional[str]:
