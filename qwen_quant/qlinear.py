@@ -425,6 +425,9 @@ def _check_cpu(module: QuantLinear, x: torch.Tensor) -> None:
     if x.device.type != "cpu":
         raise RuntimeError(f"{module.name or 'QuantLinear'} was prepared for the cpu backend but got x on "
                            f"{x.device}: build it with from_packed(device=...) for that device")
+    if torch.is_grad_enabled() and x.requires_grad:  # none of its routes has a backward (torch's kernels, ours)
+        raise RuntimeError(f"{module.name or 'QuantLinear'} (cpu backend) cannot pass a gradient back to x: run it "
+                           "under torch.no_grad(), or build it with backend='torch' to backpropagate through it")
 
 
 _SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}

@@ -524,3 +524,20 @@ def test_triton_module_deep_copies():
     assert twin.qweight.data_ptr() != module.qweight.data_ptr()
     x = torch.randn(3, 128)
     assert torch.equal(twin(x), module(x))
+
+
+def test_cpu_backend_refuses_to_record_a_gradient_and_the_torch_backend_passes_one():
+    """The cpu backend's routes (torch's int4pack kernel, the native prompt GEMM, the eager tiles) have no backward:
+    an x that autograd records is refused with a message, for one row and for a prompt; the torch backend passes the
+    gradient of x @ W back, and no_grad runs the cpu backend as always."""
+    layer = Layer(256, 128, 4, 64, symmetric=True, seed=4)
+    cpu, torch_backend = layer.build("cpu"), layer.build("torch")
+    for rows in (1, 64):
+        x = torch.randn(rows, layer.K, requires_grad=True)
+        with pytest.raises(RuntimeError, match="cannot pass a gradient back to x.*backend='torch'"):
+            cpu(x)
+        torch_backend(x).sum().backward()
+        expected = torch_backend.dequantize().t().sum(1)  # d(sum of x @ W) / dx: each input's row of W summed
+        torch.testing.assert_close(x.grad, expected.expand(rows, -1).to(x.grad.dtype), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            assert relative_error(cpu(x), layer.expected(x.detach())) < BF16_TOLERANCE
