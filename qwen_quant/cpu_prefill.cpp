@@ -2,13 +2,16 @@
 // scale and offset per group of input rows and output column: qwen_quant::prefill_matmul, a torch operator (see
 // qwen_quant/cpu_prefill.py).
 //
-// Each thread takes a block of 64 output columns at a time; per group of rows it writes the block's codes as exact
-// bf16 numbers (0..15 or 0..255) into a panel in oneDNN's VNNI layout (pairs of rows side by side, [rows / 2][64][2],
-// 16 KiB for 128 rows: it stays in L1), multiplies the prompt's rows by it with oneDNN's batch-reduce GEMM
-// microkernel (at::native::cpublas::brgemm: bf16 dot products into fp32), and adds partial * scale + group_sum(x) *
-// offset to an fp32 accumulator. So no dequantized weight is ever written out, the scale multiplies an fp32 sum
-// (more exact than rounding each weight to bf16), and the panel's cost (a few operations per code) is small beside
-// the GEMM's (M / 32 dot-product instructions per code).
+// Each thread takes a block of 64 output columns at a time and writes the block's weights for all K rows into a panel
+// in oneDNN's VNNI layout (pairs of rows side by side, [K / 2][64][2] bf16: 256 KiB for K = 2048, in L2), which
+// oneDNN's batch-reduce GEMM microkernel (at::native::cpublas::brgemm: bf16 dot products into fp32) multiplies by 64
+// prompt rows at a time. No dequantized weight is written out beyond the panel. Two kinds of panel:
+// - codes (exact bf16 numbers 0..15 or 0..255): one GEMM per group of rows, each group's partial * scale +
+//   group_sum(x) * offset added to an fp32 accumulator. The scale multiplies an fp32 sum: more exact than rounding
+//   each weight to bf16. For short prompts (the panel's cost, a table lookup per 32 codes, stays small).
+// - scaled (code * scale + offset in fp32, rounded once to bf16, as a bf16 model's weights are): one GEMM over all K
+//   rows and no per-group work, which costs M x N x K / 128 fp32 operations (8 % of a 512-row product). For long
+//   prompts.
 //
 // int4pack (as _convert_weight_to_int4pack_for_cpu lays it out on AVX-512 CPUs) stores whole blocks of 64 output
 // columns one after another, each as rows of 32 bytes: byte j of a row holds column j in its low nibble and column
@@ -38,16 +41,18 @@ struct Weight {
     int64_t K, N, group_rows, bits;
 };
 
-uint16_t bf16_of_integer(int code) {  // exact: 0..255 need 8 significant bits, bf16 has 8
-    const float f = float(code);
+uint16_t bf16_bits(float f) {  // rounded to nearest even, as vcvtne2ps2bf16 rounds (codes 0..255 are exact)
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    return static_cast<uint16_t>(u >> 16);
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// The codes of rows k0..k0 + rows (even) of columns n0..n0 + width (a whole block, or the short last one) into
-// panel[(k - k0) / 2][n - n0][(k - k0) % 2] as bf16.
-void panel_generic(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t rows, uint16_t* panel) {
+// Rows k0..k0 + rows (even, one group) of columns n0..n0 + width (a whole block, or the short last one) into
+// panel[(k - k0) / 2][n - n0][(k - k0) % 2] as bf16: the codes, or (scaled) code * scale + offset.
+void panel_generic(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t rows, bool scaled,
+                   uint16_t* panel) {
+    const float* scale = w.scales + k0 / w.group_rows * w.N + n0;
+    const float* offset = w.offsets + k0 / w.group_rows * w.N + n0;
     const bool whole = width == kColumns;
     const int64_t half = width / 2, all_rows = w.bits == 8 ? 2 * w.K : w.K;
     const uint8_t* base = w.packed + n0 * all_rows / 2;
@@ -59,8 +64,9 @@ void panel_generic(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64
                 const uint8_t b = base[row * half + byte];
                 return high ? b >> 4 : b & 15;
             };
-            const int code = w.bits == 8 ? nibble(k) << 4 | nibble(w.K + k) : nibble(k);
-            panel[((k - k0) / 2 * width + j) * 2 + (k - k0) % 2] = bf16_of_integer(code);
+            const float code = w.bits == 8 ? nibble(k) << 4 | nibble(w.K + k) : nibble(k);
+            panel[((k - k0) / 2 * width + j) * 2 + (k - k0) % 2] =
+                bf16_bits(scaled ? std::fma(code, scale[j], offset[j]) : code);
         }
     }
 }
@@ -94,30 +100,40 @@ AVX512BF16 void panel_int4_avx512(const Weight& w, int64_t n0, int64_t k0, int64
     }
 }
 
-// 32 codes (bytes) as bf16 words, exactly.
-AVX512BF16 inline __m512i bf16_of_bytes(__m256i bytes) {
-    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes)));
-    const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1)));
-    return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+// 32 codes (bytes) of 32 columns as bf16 code * scale + offset, each rounded once (scale 1, offset 0: the codes).
+AVX512BF16 inline __m512i weights_bf16(__m256i codes, const __m512* scale, const __m512* offset) {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes)));
+    const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, scale[1], offset[1]), _mm512_fmadd_ps(a, scale[0], offset[0]));
 }
 
-// A whole 64-column block, 8 bits: the code of row k joins the nibbles of rows k (high) and K + k (low).
-AVX512BF16 void panel_int8_avx512(const Weight& w, int64_t n0, int64_t k0, int64_t rows, uint16_t* panel) {
-    const uint8_t* base = w.packed + n0 * w.K;
+// A whole 64-column block's rows k0..k0 + rows (one group) into the panel, each row's codes a byte per column
+// (8 bits: the nibbles of rows k, high, and K + k, low, joined): as codes, or (scaled) code * scale + offset.
+AVX512BF16 void panel_avx512(const Weight& w, int64_t n0, int64_t k0, int64_t rows, bool scaled, uint16_t* panel) {
+    const uint8_t* base = w.packed + n0 * w.K * w.bits / 8;  // the blocks before n0: K (or 2K) rows of 32 bytes
     const __m256i low4 = _mm256_set1_epi8(15);
+    __m512 scale[4], offset[4];  // columns 16q..16q + 15
+    for (int q = 0; q < 4; ++q) {
+        scale[q] = scaled ? _mm512_loadu_ps(w.scales + k0 / w.group_rows * w.N + n0 + 16 * q) : _mm512_set1_ps(1);
+        offset[q] = scaled ? _mm512_loadu_ps(w.offsets + k0 / w.group_rows * w.N + n0 + 16 * q) : _mm512_setzero_ps();
+    }
     for (int64_t k = k0; k < k0 + rows; k += 2) {
-        __m512i columns[2][2];  // [row k, k + 1][columns 0..31, 32..63]
+        __m512i values[2][2];  // [row k, k + 1][columns 0..31, 32..63]
         for (int r = 0; r < 2; ++r) {
             const __m256i hi = _mm256_loadu_si256((const __m256i*)(base + (k + r) * 32));
-            const __m256i lo = _mm256_loadu_si256((const __m256i*)(base + (w.K + k + r) * 32));
-            columns[r][0] = bf16_of_bytes(_mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(hi, low4), 4),
-                                                          _mm256_and_si256(lo, low4)));
-            columns[r][1] = bf16_of_bytes(_mm256_or_si256(_mm256_andnot_si256(low4, hi),
-                                                          _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4)));
+            __m256i codes[2] = {_mm256_and_si256(hi, low4), _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4)};
+            if (w.bits == 8) {
+                const __m256i lo = _mm256_loadu_si256((const __m256i*)(base + (w.K + k + r) * 32));
+                codes[0] = _mm256_or_si256(_mm256_slli_epi16(codes[0], 4), _mm256_and_si256(lo, low4));
+                codes[1] = _mm256_or_si256(_mm256_slli_epi16(codes[1], 4),
+                                           _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4));
+            }
+            values[r][0] = weights_bf16(codes[0], scale, offset);
+            values[r][1] = weights_bf16(codes[1], scale + 2, offset + 2);
         }
         uint16_t* out = panel + (k - k0) / 2 * 2 * kColumns;
-        store_pairs(columns[0][0], columns[1][0], out);
-        store_pairs(columns[0][1], columns[1][1], out + 64);
+        store_pairs(values[0][0], values[1][0], out);
+        store_pairs(values[0][1], values[1][1], out + 64);
     }
 }
 
@@ -172,9 +188,10 @@ bool has_avx512_bf16() {
 
 // x (bf16 [M, K], contiguous) @ W, W [K, N] = code * scales + offsets over G equal groups of rows (fp32 [G, N],
 // contiguous), the codes in int4pack `packed` of 64-column blocks (AVX-512's layout); fp32 [M, N] (bf16 if out_bf16).
-// vector: the AVX-512 code for whole blocks (else the portable loops throughout, which compute the same bits).
+// scaled: through scaled panels (see the top). vector: the AVX-512 code for whole blocks (else the portable loops
+// throughout, which compute the same bits).
 at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                          const at::Tensor& offsets, int64_t bits, bool vector, bool out_bf16) {
+                          const at::Tensor& offsets, int64_t bits, bool scaled, bool vector, bool out_bf16) {
     const int64_t M = x.size(0), K = x.size(1), G = scales.size(0), N = scales.size(1);
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -190,7 +207,9 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
     at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
     if (M == 0)
         return y;
-    const at::Tensor group_sums = x.view({M, G, group_rows}).to(at::kFloat).sum(-1).contiguous();  // [M, G]
+    const at::Tensor group_sums =  // [M, G]: the codes' offsets multiply them
+        scaled ? at::zeros({1}, x.options().dtype(at::kFloat))
+               : x.view({M, G, group_rows}).to(at::kFloat).sum(-1).contiguous();
     const float* sums = group_sums.data_ptr<float>();
     const auto* a = reinterpret_cast<const at::BFloat16*>(x.data_ptr());
     at::parallel_for(0, (N + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
@@ -203,19 +222,24 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
             const int64_t n0 = task * kColumns, width = std::min(kColumns, N - n0);
             const bool whole = vector && width == kColumns;  // the AVX-512 code's case
             for (int64_t g = 0; g < G; ++g) {
-                uint16_t* group_panel = panel.data() + g * group_rows * kColumns;
-                if (whole)
-                    (bits == 4 ? panel_int4_avx512 : panel_int8_avx512)(w, n0, g * group_rows, group_rows, group_panel);
+                uint16_t* group_panel = panel.data() + g * group_rows * width;  // [K / 2][width][2] in all
+                if (whole && bits == 4 && !scaled)
+                    panel_int4_avx512(w, n0, g * group_rows, group_rows, group_panel);
+                else if (whole)
+                    panel_avx512(w, n0, g * group_rows, group_rows, scaled, group_panel);
                 else
-                    panel_generic(w, n0, width, g * group_rows, group_rows, group_panel);
+                    panel_generic(w, n0, width, g * group_rows, group_rows, scaled, group_panel);
             }
             for (int64_t m0 = 0; m0 < M; m0 += kRows) {
                 const int64_t rows = std::min(kRows, M - m0);
-                for (int64_t g = 0; g < G; ++g) {
+                const auto* b = reinterpret_cast<const at::BFloat16*>(panel.data());
+                if (scaled)  // one GEMM over all K rows
+                    at::native::cpublas::brgemm(rows, width, K, K, width, kColumns, false, a + m0 * K, b,
+                                                total.data(), true);
+                for (int64_t g = 0; g < G && !scaled; ++g) {  // codes: a GEMM per group, then its scale
                     const int64_t k0 = g * group_rows;
                     at::native::cpublas::brgemm(rows, width, group_rows, K, width, kColumns, false, a + m0 * K + k0,
-                                                reinterpret_cast<const at::BFloat16*>(panel.data() + k0 * kColumns),
-                                                partial.data(), true);
+                                                b + k0 * width, partial.data(), true);
                     const float *scale = w.scales + g * N + n0, *offset = w.offsets + g * N + n0;
                     if (whole)
                         add_group_avx512(total.data(), partial.data(), scale, offset, sums + m0 * G + g, G, rows,
@@ -242,8 +266,8 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen_quant, m) {
-    m.def("prefill_matmul(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, bool vector, "
-          "bool out_bf16) -> Tensor");
+    m.def("prefill_matmul(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, bool scaled, "
+          "bool vector, bool out_bf16) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen_quant, CPU, m) {

@@ -32,9 +32,11 @@ SHAPES = [(256, 64, 4, 256, 1), (256, 80, 8, 32, 3), (320, 112, 4, 64, 17), (512
 
 @pytest.mark.parametrize("K, N, bits, group, M", SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_native_gemm_equals_the_fp64_product(K, N, bits, group, M, out_dtype):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_native_gemm_equals_the_fp64_product(K, N, bits, group, M, out_dtype, scaled):
     """Within 1e-5 of x (rounded to bf16) @ W in fp64, relative to |x| @ |W| (fp32 sums; bf16 results within their
-    rounding); the AVX-512 panels and the portable ones give the same bits."""
+    rounding), W as each kind of panel holds it: exact (code panels) or each weight rounded once to bf16 (scaled
+    panels); the AVX-512 code and the portable one give the same bits."""
     codes, scales, offsets, weight = random_layer(K, N, bits, group, seed=K + N + M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     packed = int4pack(codes, bits)
@@ -42,10 +44,12 @@ def test_native_gemm_equals_the_fp64_product(K, N, bits, group, M, out_dtype):
         assert cpu_prefill.module() is None
         assert cpu_prefill.matmul(x, packed, scales, offsets, bits, 64, out_dtype) is None
         return
-    vector = cpu_prefill.matmul(x, packed, scales, offsets, bits, 64, out_dtype)
-    portable = cpu_prefill.matmul(x, packed, scales, offsets, bits, 64, out_dtype, vector=False)
+    vector = cpu_prefill.matmul(x, packed, scales, offsets, bits, 64, out_dtype, scaled=scaled)
+    portable = cpu_prefill.matmul(x, packed, scales, offsets, bits, 64, out_dtype, scaled=scaled, vector=False)
     assert vector.dtype == out_dtype and vector.shape == (M, N)
     assert torch.equal(vector, portable)
+    if scaled:  # fp32 fma, then bf16: what the panel holds
+        weight = weight.float().bfloat16().double()
     x_applied = x.bfloat16().double()
     expected = x_applied @ weight
     scale = x_applied.abs() @ weight.abs()
@@ -59,6 +63,7 @@ def test_native_gemm_reads_the_cpu_backends_own_int4pack():
     for bits in (4, 8):
         codes = torch.randint(0, 2**bits, (128, 80), generator=torch.Generator().manual_seed(bits))
         ones, zeros = torch.ones(1, 80), torch.zeros(1, 80)
+        # 128 rows: scaled panels, whose weights are the codes here (scale 1, offset 0), exact in bf16
         read = cpu_prefill.matmul(torch.eye(128), int4pack(codes, bits), ones, zeros, bits, 64, torch.float32)
         if RUNS_HERE:
             assert torch.equal(read, codes.float())

@@ -153,9 +153,10 @@ def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric,
                                                     prefill_probe, monkeypatch):
     """Long prompts apply the kernels' weight: through tiles of it rounded to the tiles' dtype (bf16 on CPUs with
     fast bf16 matmuls, fp32 on the others; both forced here, whatever this CPU is), or through the native GEMM, which
-    applies it in fp32 to x rounded to bf16. Identity rows read the applied weight back element by element. N = 592
-    spans a full tile, a partial one and int4pack's short last block (CPU_PREFILL_TILE_WEIGHTS is lowered to make
-    tiles of 192 columns); K = 320 ends in a short group at g128."""
+    rounds it to bf16 from cpu_prefill.SCALED_FROM_ROWS rows and applies it exactly below (to x rounded to bf16).
+    Identity rows (320 of them) read the applied weight back element by element. N = 592 spans a full tile, a partial
+    one and int4pack's short last block (CPU_PREFILL_TILE_WEIGHTS is lowered to make tiles of 192 columns); K = 320
+    ends in a short group at g128."""
     set_crossover, _ = prefill_probe
     set_crossover(8)
     monkeypatch.setattr(qlinear, "CPU_PREFILL_TILE_WEIGHTS", 320 * 192)
@@ -170,17 +171,17 @@ def test_cpu_prefill_tiles_apply_the_kernels_weight(bits, group_size, symmetric,
     # Int8 tiles hold (q - 128) * s, its zero points subtracted after them in fp32, as in the kernels' path.
     zero_scales = (layer.zeros - 128).double() * layer.scales.bfloat16().double()
     zero_term = 0 if bits == 4 else zero_scales[layer.g_idx.long()]
-    # Each weight read back is the applied one rounded to the tiles' dtype (the native GEMM's: fp32): within half a
-    # unit in its last place (plus fp32 rounding where the applied weight nearly cancels to zero).
-    half_ulp = 2.0 ** -8 if route == torch.bfloat16 else 2.0 ** -24
+    # Each weight read back is the applied one rounded to the tiles' dtype (the native GEMM's at 320 rows: bf16):
+    # within half a unit in its last place (plus fp32 rounding where the applied weight nearly cancels to zero).
+    half_ulp = 2.0 ** -24 if route == torch.float32 else 2.0 ** -8
     slack = 2.0 ** -20 * applied.abs().max()
     assert ((read_back - applied).abs() <= half_ulp * (applied + zero_term).abs() + slack).all()
     x = torch.randn(8, layer.K)
     y = module(x)
     assert y.dtype == torch.float32 and runs == [route] * 2
     assert relative_error(y, layer.expected(x)) < BF16_TOLERANCE
-    if route != torch.bfloat16:  # fp32 weights and sums: far closer to the kernels' weight than the kernels get
-        x_applied = x if route == torch.float32 else x.bfloat16()
+    if route != torch.bfloat16:  # fp32 weights and sums (the native GEMM's code panels at 8 rows): far closer to
+        x_applied = x if route == torch.float32 else x.bfloat16()  # the kernels' weight than the kernels get
         assert relative_error(y, x_applied.double() @ applied) < 1e-5
     kernel_rows = module(x[:7])  # one row fewer than measured: the kernels
     assert runs == [route] * 2
