@@ -33,6 +33,8 @@ namespace {
 
 constexpr int64_t kColumns = 64;  // output columns a thread takes at a time: one int4pack block (AVX-512's layout)
 constexpr int64_t kRows = 64;     // prompt rows multiplied at a time by one block's panel
+constexpr int64_t kDepth = 1024;  // scaled panels: rows of K per GEMM (a 128 KiB slice; all of K = 11008 at once,
+                                  // 1.4 MiB, ran 256-row prompts at half the speed: it left L2 for every 64 rows)
 
 struct Weight {
     const uint8_t* packed;
@@ -104,7 +106,8 @@ AVX512BF16 void panel_int4_avx512(const Weight& w, int64_t n0, int64_t k0, int64
 AVX512BF16 inline __m512i weights_bf16(__m256i codes, const __m512* scale, const __m512* offset) {
     const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes)));
     const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1)));
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, scale[1], offset[1]), _mm512_fmadd_ps(a, scale[0], offset[0]));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, scale[1], offset[1]),
+                                        _mm512_fmadd_ps(a, scale[0], offset[0]));
 }
 
 // A whole 64-column block's rows k0..k0 + rows (one group) into the panel, each row's codes a byte per column
@@ -214,7 +217,8 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
     const auto* a = reinterpret_cast<const at::BFloat16*>(x.data_ptr());
     at::parallel_for(0, (N + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
         // Per thread, kept between calls (a fresh megabyte costs a page fault per 4 KiB): the panel of a whole block,
-        // and the sums of kRows prompt rows (16 KiB each; 64 rows ran 5-7 % faster than 32, as fast as 128).
+        // and the sums of kRows prompt rows (16 KiB each; 64 rows ran 5-7 % faster than 32, as fast as 128); scaled
+        // panels sum every prompt row in `total`.
         thread_local std::vector<uint16_t> panel;
         thread_local std::vector<float> partial(kRows * kColumns), total(kRows * kColumns);
         panel.resize(std::max<size_t>(panel.size(), K * kColumns));
@@ -230,13 +234,29 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
                 else
                     panel_generic(w, n0, width, g * group_rows, group_rows, scaled, group_panel);
             }
-            for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+            const auto* b = reinterpret_cast<const at::BFloat16*>(panel.data());
+            const auto store = [&](const float* t, int64_t m0, int64_t rows) {  // sums of rows m0.. -> y
+                if (!out_bf16)
+                    for (int64_t m = 0; m < rows; ++m)
+                        std::memcpy(y.data_ptr<float>() + (m0 + m) * N + n0, t + m * kColumns, width * sizeof(float));
+                else if (whole)
+                    store_bf16_avx512(t, y.data_ptr<at::BFloat16>() + m0 * N + n0, N, rows);
+                else
+                    store_bf16(t, y.data_ptr<at::BFloat16>() + m0 * N + n0, N, rows, width);
+            };
+            if (scaled) {  // slices of kDepth panel rows (in L2), each over every prompt row, summed in `total`
+                total.resize(std::max<size_t>(total.size(), M * kColumns));
+                for (int64_t k0 = 0; k0 < K; k0 += kDepth)
+                    for (int64_t m0 = 0; m0 < M; m0 += kRows)
+                        at::native::cpublas::brgemm(std::min(kRows, M - m0), width, std::min(kDepth, K - k0), K, width,
+                                                    kColumns, k0 > 0, a + m0 * K + k0, b + k0 * width,
+                                                    total.data() + m0 * kColumns, true);
+                store(total.data(), 0, M);
+                continue;
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += kRows) {  // codes: a GEMM per group, then its scale
                 const int64_t rows = std::min(kRows, M - m0);
-                const auto* b = reinterpret_cast<const at::BFloat16*>(panel.data());
-                if (scaled)  // one GEMM over all K rows
-                    at::native::cpublas::brgemm(rows, width, K, K, width, kColumns, false, a + m0 * K, b,
-                                                total.data(), true);
-                for (int64_t g = 0; g < G && !scaled; ++g) {  // codes: a GEMM per group, then its scale
+                for (int64_t g = 0; g < G; ++g) {
                     const int64_t k0 = g * group_rows;
                     at::native::cpublas::brgemm(rows, width, group_rows, K, width, kColumns, false, a + m0 * K + k0,
                                                 b + k0 * width, partial.data(), true);
@@ -248,14 +268,7 @@ at::Tensor prefill_matmul(const at::Tensor& x, const at::Tensor& packed, const a
                         add_group(total.data(), partial.data(), scale, offset, sums + m0 * G + g, G, rows, width,
                                   g == 0);
                 }
-                if (!out_bf16)
-                    for (int64_t m = 0; m < rows; ++m)
-                        std::memcpy(y.data_ptr<float>() + (m0 + m) * N + n0, total.data() + m * kColumns,
-                                    width * sizeof(float));
-                else if (whole)
-                    store_bf16_avx512(total.data(), y.data_ptr<at::BFloat16>() + m0 * N + n0, N, rows);
-                else
-                    store_bf16(total.data(), y.data_ptr<at::BFloat16>() + m0 * N + n0, N, rows, width);
+                store(total.data(), m0, rows);
             }
         }
         at::native::cpublas::brgemm_release(true);  // per thread: AMX keeps a tile configuration per thread
