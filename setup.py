@@ -13,8 +13,8 @@ setup(
     packages=["qwen_quant", "qwen_quant.kernels", "qwen_quant.calibration"],
     package_dir={"qwen_quant": "qwen_quant", "qwen_quant.kernels": "kernels", "qwen_quant.calibration": "calibration"},
     # The embedded demo model (qwen-quantize demo runs offline straight after install), the chat check's questions
-    # and the source of the CPU prompt GEMM (built on first use).
-    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl", "cpu_prefill.cpp"],
+    # and the sources of our CPU operators (built on first use, qwen_quant/cpu_native.py).
+    package_data={"qwen_quant": ["stories260k_qwen/*", "chat_prompts.jsonl", "*.cpp"],
                   "qwen_quant.kernels": ["*.json"]},
     install_requires=[
         # This range resolves to the local 2.13.0 CPU build; a looser pin pulls a multi-GB CUDA build.

@@ -3,7 +3,7 @@ qwen_quant.cpu_prefill) and one query's attention over the KV cache (cpu_attenti
 
 Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja, which torch.compile on the CPU needs too)
 into torch's extension cache (~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), once per machine and version of
-the sources: about 30 s. Where they cannot be built, `ops()` is None, one warning says why, and the model runs
+the sources: 10-30 s. Where they cannot be built, `ops()` is None, one warning says why, and the model runs
 torch's own operations instead (slower, the same results within rounding).
 """
 import functools
@@ -26,7 +26,7 @@ def ops() -> Optional[object]:
         return None  # the kernels are written for x86-64
     try:
         from torch.utils.cpp_extension import load
-        logger.info("cpu backend: loading its native kernels %s (built once per machine and version, about 30 s)",
+        logger.info("cpu backend: loading its native kernels %s (built once per machine and version, 10-30 s)",
                     ", ".join(path.name for path in SOURCES))
         load("qwen_quant_cpu_native", [str(path) for path in SOURCES], extra_cflags=["-O3", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False)

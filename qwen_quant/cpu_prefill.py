@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from qwen_quant import cpu_native
-from qwen_quant.cpu import detected_fast_bf16_matmul, int4pack
+from qwen_quant.cpu import int4pack
 
 
 def module():
@@ -30,9 +30,14 @@ def module():
     return _built_and_checked()
 
 
+def runs(block: int) -> bool:
+    """Whether the GEMM serves an int4pack layout of `block`-column blocks here (AVX-512's are 64 wide)."""
+    return block == 64 and module() is not None
+
+
 @functools.lru_cache(maxsize=None)
 def _built_and_checked():
-    if not detected_fast_bf16_matmul() or not torch.cpu._is_avx512_bf16_supported():
+    if not torch.cpu._is_avx512_bf16_supported():
         return None
     return cpu_native.checked(_self_check, "prompt GEMM", "prompts run torch's elementwise tiles instead")
 
@@ -46,18 +51,16 @@ def _self_check(built) -> Optional[str]:
         codes = torch.randint(0, 2**bits, (K, N), generator=gen)
         scales = torch.rand(K // group, N, generator=gen) / 64
         offsets = -(2 ** (bits - 1)) * scales
-        x = torch.randn(5, K, generator=gen).to(torch.bfloat16)
-        weight = codes * scales.repeat_interleave(group, 0) + offsets.repeat_interleave(group, 0)
-        expected = x.double() @ weight.double()
-        bound = 1e-5 * (x.double().abs() @ weight.double().abs()).max().item()
+        x = torch.randn(5, K, generator=gen).to(torch.bfloat16).double()
+        scale, offset = (t.double().repeat_interleave(group, 0) for t in (scales, offsets))
+        weight = codes.double() * scale + offset
+        bound = 1e-5 * (x.abs() @ weight.abs()).max().item()
         packed = int4pack(codes, bits)
-        # Scaled panels hold each weight rounded once to bf16 (fp32 fma, then bf16): the product of those.
-        rounded = (codes.double() * scales.double().repeat_interleave(group, 0)
-                   + offsets.double().repeat_interleave(group, 0)).float().bfloat16()
         for scaled in (False, True):
-            target = x.double() @ rounded.double() if scaled else expected
+            # Scaled panels hold each weight rounded once to bf16 (fp32 fma, then bf16): the product of those.
+            target = x @ (weight.float().bfloat16().double() if scaled else weight)
             for vector in (True, False):
-                y = built.prefill_matmul(x, packed, scales, offsets, bits, scaled, vector, False)
+                y = built.prefill_matmul(x.bfloat16(), packed, scales, offsets, bits, scaled, vector, False)
                 error = (y.double() - target).abs().max().item()
                 if not error <= bound:
                     return (f"Int{bits}, {'scaled' if scaled else 'code'} panels, {'AVX-512' if vector else 'portable'}"
@@ -73,10 +76,11 @@ def _self_check(built) -> Optional[str]:
 SCALED_FROM_ROWS = 128
 
 
-def scratch_bytes(K: int) -> int:
-    """What the GEMM keeps between calls, for layers with K inputs: per thread, a 64-column panel of K rows in bf16
-    and two 64 x 64 fp32 sums (kColumns and kRows in the .cpp)."""
-    return torch.get_num_threads() * (K * 64 * 2 + 2 * 64 * 64 * 4)
+def scratch_bytes(K: int, rows: int) -> int:
+    """What the GEMM keeps between calls, for layers with K inputs and prompts of `rows` rows: per thread, a 64-column
+    panel of K rows in bf16, and the fp32 sums of 64 columns for 64 rows (two of them) or, with scaled panels, for every
+    row (kColumns and kRows in the .cpp)."""
+    return torch.get_num_threads() * (K * 64 * 2 + (64 * 4) * (64 + max(64, rows)))
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
@@ -88,12 +92,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets:
     AVX-512's 64-column blocks). scaled: the panels' kind (default: scaled from SCALED_FROM_ROWS rows; they round
     each weight to bf16, code panels do not). vector=False runs the portable loops throughout (as the short last
     block always does): the same bits, for tests."""
-    built = module()
-    if built is None or block != 64:
+    if not runs(block):
         return None
     if scaled is None:
         scaled = x.shape[0] >= SCALED_FROM_ROWS
-    y = built.prefill_matmul(x.to(torch.bfloat16).contiguous(), packed, scales.to(torch.float32).contiguous(),
+    y = module().prefill_matmul(x.to(torch.bfloat16).contiguous(), packed, scales.to(torch.float32).contiguous(),
                              offsets.to(torch.float32).contiguous(), bits, scaled, vector,
                              out_dtype == torch.bfloat16)
     return y.to(out_dtype)

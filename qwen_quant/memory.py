@@ -212,7 +212,7 @@ def estimate_memory(config: QwenConfig, bits: Optional[int] = None, group_size: 
     if cpu_tiles:  # the cpu backend's prompts may run tiles of the dequantized weight (qlinear); kept by the process
         from .qlinear import cpu_prefill_scratch_bytes
 
-        terms[WORKSPACE] += max(cpu_prefill_scratch_bytes(K, bits) for K, _, _ in shapes)
+        terms[WORKSPACE] += max(cpu_prefill_scratch_bytes(K, bits, batch * prompt_tokens) for K, _, _ in shapes)
     # The fixed overhead is outside what is compared: the CUDA context and the allocator's cached-but-free blocks are
     # not in max_memory_allocated (nor in Qwen's figures), and on CPU the interpreter and libraries are not tensors.
     terms[OVERHEAD] = 0

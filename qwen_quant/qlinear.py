@@ -516,13 +516,13 @@ def _codes_of_halves(halves: torch.Tensor) -> torch.Tensor:
     return codes.copy_(words).view(torch.uint8).view(rows, blocks * 2 * half)
 
 
-def cpu_prefill_scratch_bytes(K: int, bits: int) -> int:
+def cpu_prefill_scratch_bytes(K: int, bits: int, rows: int) -> int:
     """The most scratch (see _scratch) the prefill tiles of a layer with K inputs keep, per thread: a tile of at most
     max(64, CPU_PREFILL_TILE_WEIGHTS // K) columns (int4pack blocks are 32 or 64 wide) costs 8 bytes a weight at 4
-    bits (split halves, codes, the fp32 tile, its bf16 copy) and 8.5 at 8 bits (the low nibbles besides); or the
-    native GEMM's panels, if more (they are not, below K = 65536 on two threads)."""
+    bits (split halves, codes, the fp32 tile, its bf16 copy) and 8.5 at 8 bits (the low nibbles besides); or what the
+    native GEMM keeps for prompts of `rows` rows, if more."""
     weights = max(64, CPU_PREFILL_TILE_WEIGHTS // K // 64 * 64) * K
-    return max(weights * (17 if bits == 8 else 16) // 2, cpu_prefill.scratch_bytes(K))
+    return max(weights * (17 if bits == 8 else 16) // 2, cpu_prefill.scratch_bytes(K, rows))
 
 
 def _column_spans(N: int, K: int, block: int) -> list:
@@ -574,9 +574,8 @@ def _tiled_matmul(x2: torch.Tensor, spans: list, weight_tile, dtype: torch.dtype
 
 def _native_product(x2: torch.Tensor, dtype: torch.dtype, packed: torch.Tensor, scales: torch.Tensor,
                     offsets: torch.Tensor, bits: int, block: int, out_dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The product by the native prompt GEMM (cpu_prefill) where the route is bf16 and it runs here, else None: in
-    out_dtype, from fp32 sums of x2 (rounded to bf16) times the codes, each group's scale and offset applied to its
-    sum, so more exact than the eager bf16 tiles, which round each weight to bf16."""
+    """The product by the native prompt GEMM (cpu_prefill.matmul) where the route is bf16 and it runs here, else
+    None: in out_dtype, from fp32 sums of x2 (rounded to bf16) times the weights."""
     if dtype != torch.bfloat16:
         return None
     return cpu_prefill.matmul(x2, packed, scales, offsets, bits, block, out_dtype)
@@ -657,7 +656,7 @@ def cpu_prompt_product(module: QuantLinear, rows: int) -> str:
     dtype = cpu_prefill_route(module, rows)
     if dtype is None:
         return "kernel"
-    if dtype == torch.bfloat16 and module.kernel_group is not None and cpu_prefill.module() is not None:
+    if dtype == torch.bfloat16 and module.kernel_group is not None and cpu_prefill.runs(_int4pack_block()):
         return "native GEMM"
     return f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')} tiles"
 
