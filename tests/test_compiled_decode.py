@@ -123,4 +123,7 @@ def test_compile_options_are_accepted_for_each_device(device):
 
     options = decode_compile_options(torch.device(device), "transformer.h")
     assert options.get("triton.cudagraphs", False) == (device == "cuda")
+    # The CPU's step launches its kernels from C++ where torch builds that launcher apart from the kernels (2.8 on).
+    separate_build = hasattr(torch._inductor.config, "cpp_wrapper_build_separate")
+    assert options.get("cpp_wrapper", False) == (device == "cpu" and separate_build)
     torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False, options=options)
