@@ -111,6 +111,14 @@ class Layout:
         return tuple(path for group in self.groups for path in group)
 
     @property
+    def siblings(self) -> dict:
+        """The linears that read one input and can run as one matmul, their outputs side by side: the joined
+        module's path (vLLM's names) -> theirs, in output order. v1's q/k/v are one linear already."""
+        joined = {} if len(self.qkv) == 1 else {f"{self.attention}.qkv_proj": self.qkv}
+        joined[f"{self.gate.rpartition('.')[0]}.gate_up_proj"] = (self.gate, self.up)
+        return joined
+
+    @property
     def norm_before(self) -> dict:
         """The groups whose input is an RMSNorm's output, and that norm."""
         return {self.groups[0]: self.norms[0], self.groups[RESIDUAL_GROUP]: self.norms[1]}

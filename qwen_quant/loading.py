@@ -4,14 +4,15 @@ the quantized linears swapped for QuantLinear (or decoded back to dense weights)
 The caller builds the model (on the meta device, so loading needs about one copy of the weights) and passes it in:
 this module reads files through `checkpoint` and never imports `model`.
 """
+import functools
 from typing import Optional
 
 import torch
 
 from .checkpoint import WeightReader, resolve_model_path
 from .config import QwenConfig
-from .layout import GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED, layout_of
-from .qlinear import QuantLinear, validate_and_sort
+from .layout import GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED, GPTQ_TENSORS, layout_of
+from .qlinear import QuantLinear, join_outputs, validate_and_sort, validate_on
 from .tokenizer import tokenizer_id_count
 
 
@@ -123,16 +124,28 @@ def load_weights(model: torch.nn.Module, reader: WeightReader, dtype: Optional[t
     layout = layout_of(model.config)
     if quant is not None:
         for i, block in enumerate(model.blocks):
+            prefix = layout.block_prefix(i)
+            validated = {}
             for path in layout.linears:
-                owner, _, leaf = path.rpartition(".")
-                name = layout.block_prefix(i) + path
-                dense = block.get_submodule(path)
-                setattr(block.get_submodule(owner), leaf, QuantLinear.from_packed(
-                    *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED),
-                    reader.get(f"{name}.bias") if f"{name}.bias" in reader else None,
+                name, dense = prefix + path, block.get_submodule(path)
+                validated[path] = validate_on(
+                    device, *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_TENSORS),
                     bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
-                    backend=backend, dtype=dtype, device=device, name=name, in_features=dense.in_features,
-                    out_features=dense.out_features, sym=quant.sym, desc_act=quant.desc_act))
+                    in_features=dense.in_features, out_features=dense.out_features, name=name, sym=quant.sym,
+                    desc_act=quant.desc_act)
+            build = functools.partial(QuantLinear.from_sorted, group_size=quant.group_size, backend=backend,
+                                      dtype=dtype, device=device)
+            # Linears that read one input run as one matmul where their weights allow (join_outputs): a decode
+            # step's calls and launches are a large part of its time on small models.
+            for joined, siblings in layout.siblings.items():
+                parts = join_outputs([validated[path] for path in siblings])
+                if parts is not None:
+                    block.join(joined, build(*parts, name=prefix + joined))
+                    for path in siblings:
+                        del validated[path]
+            for path, parts in validated.items():
+                owner, _, leaf = path.rpartition(".")
+                setattr(block.get_submodule(owner), leaf, build(*parts, name=prefix + path))
     fill_module(model, reader, "", dtype, device)
     limit_vocabulary(model, reader.folder)
     return model.eval()

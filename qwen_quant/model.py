@@ -245,6 +245,7 @@ class Block(nn.Module):
         self.attention_path, self.qkv = split_path(layout.attention), tuple(split_path(p) for p in layout.qkv)
         self.out, self.gate, self.up, self.down = (split_path(p) for p in (layout.out, layout.gate, layout.up,
                                                                            layout.down))
+        self.gate_up = None  # the path of gate and up joined in one module (join), if they are
         d = config.head_dim
         self.attention_width = config.num_attention_heads * d  # q's, and the attention output's
         self.qkv_widths = (self.attention_width, config.num_key_value_heads * d, config.num_key_value_heads * d)
@@ -264,7 +265,24 @@ class Block(nn.Module):
     def mlp_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the down projection: up * silu(gate), in place in the gate's output (two [tokens, ffn]
         alive, not four)."""
-        return F.silu(at(self, self.gate)(x), inplace=True).mul_(at(self, self.up)(x))
+        if self.gate_up is not None:
+            gate, up = at(self, self.gate_up)(x).chunk(2, dim=-1)
+        else:
+            gate, up = at(self, self.gate)(x), at(self, self.up)(x)
+        return F.silu(gate, inplace=True).mul_(up)
+
+    def join(self, path: str, module: nn.Module) -> None:
+        """Put `module`, which computes the outputs of the linears layout.siblings[path] side by side, at `path` in
+        their place (they go): one matmul instead of two or three."""
+        siblings = self.layout.siblings[path]
+        for sibling in siblings:
+            *owner, leaf = split_path(sibling)
+            delattr(at(self, tuple(owner)), leaf)
+        place(self, path, module)
+        if siblings == self.layout.qkv:
+            self.qkv = (split_path(path),)
+        else:
+            self.gate_up = split_path(path)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         y, result = x.new_empty(x.shape[:-1] + (self.attention_width,)), None

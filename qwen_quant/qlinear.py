@@ -1,7 +1,9 @@
 """QuantLinear: one GPTQ-quantized linear layer, its matmul run by the fastest backend for its device.
 
 Build it with `QuantLinear.from_packed` from a checkpoint's qweight / qzeros / scales / g_idx / bias. That validates
-every tensor, sorts act-order weights by group once (forward then gathers x[..., perm]), and prepares one backend:
+every tensor, sorts act-order weights by group once (forward then gathers x[..., perm]), and prepares one backend
+(`validate_on` and `from_sorted` are its two halves; `join_outputs` between them makes linears that read one input
+a single layer):
 
 - "torch": dequantize-then-matmul on any device; the reference, and the path for 2 / 3-bit weights and for g_idx
   whose groups are not equal contiguous runs after sorting.
@@ -172,6 +174,45 @@ def validate_and_sort(qweight, qzeros, scales, g_idx, bias, *, bits, group_size,
     return sorted_weight, perm
 
 
+def validate_on(device: torch.device, qweight, qzeros, scales, g_idx, bias, **checks) -> tuple:
+    """A checkpoint's tensors for one linear moved to `device` and validated (validate_and_sort's `checks`):
+    (SortedGptqWeight, perm, bias), what QuantLinear.from_sorted and join_outputs take."""
+    qweight, qzeros, scales = (t.to(device).contiguous() for t in (qweight, qzeros, scales))
+    g_idx = g_idx.to(device) if g_idx is not None else None
+    bias = bias.to(device) if bias is not None else None
+    return *validate_and_sort(qweight, qzeros, scales, g_idx, bias, **checks), bias
+
+
+def join_outputs(parts: list) -> Optional[tuple]:
+    """Linears that read the same input as one: validated parts (SortedGptqWeight, perm, bias) -> their outputs side
+    by side (qweight, zero points, scales and bias concatenated along N), or None where one matmul cannot apply them
+    all: another bit width, group, scale dtype or row order (act-order sorts each linear's rows by its own g_idx;
+    GPTQ gives siblings the same order, as they share a Hessian). A missing bias beside a present one is zeros."""
+    (first, perm, _), rest = parts[0], parts[1:]
+    for w, other_perm, _ in rest:
+        if (w.bits, w.group, w.scales.dtype, w.in_features) != (first.bits, first.group, first.scales.dtype,
+                                                                first.in_features):
+            return None
+        if not _same_order(perm, other_perm) or not _same_order(first.row_group, w.row_group):
+            return None
+    weights = [w for w, _, _ in parts]
+    biases = [b for _, _, b in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        dtype = next(b.dtype for b in biases if b is not None)
+        bias = torch.cat([b.to(dtype) if b is not None else w.scales.new_zeros(w.out_features, dtype=dtype)
+                          for w, b in zip(weights, biases)])
+    joined = SortedGptqWeight(qweight=torch.cat([w.qweight for w in weights], 1),
+                              zeros=torch.cat([w.zeros for w in weights], 1),
+                              scales=torch.cat([w.scales for w in weights], 1), row_group=first.row_group,
+                              bits=first.bits, group=first.group)
+    return joined, perm, bias
+
+
+def _same_order(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -291,12 +332,19 @@ class QuantLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
         device = torch.device(device) if device is not None else qweight.device
-        qweight, qzeros, scales = (t.to(device).contiguous() for t in (qweight, qzeros, scales))
-        g_idx = g_idx.to(device) if g_idx is not None else None
-        bias = bias.to(device) if bias is not None else None
-        w, perm = validate_and_sort(qweight, qzeros, scales, g_idx, bias, bits=bits, group_size=group_size,
-                                    checkpoint_format=checkpoint_format, in_features=in_features,
-                                    out_features=out_features, name=name, sym=sym, desc_act=desc_act)
+        validated = validate_on(device, qweight, qzeros, scales, g_idx, bias, bits=bits, group_size=group_size,
+                                checkpoint_format=checkpoint_format, in_features=in_features,
+                                out_features=out_features, name=name, sym=sym, desc_act=desc_act)
+        return cls.from_sorted(*validated, group_size=group_size, backend=backend, dtype=dtype, name=name,
+                               device=device)
+
+    @classmethod
+    def from_sorted(cls, w: SortedGptqWeight, perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], *,
+                    group_size: int, backend: str, dtype: torch.dtype, name: str, device) -> "QuantLinear":
+        """One backend prepared from a validated weight (validate_and_sort's, or join_outputs') on `device`."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
+        device = torch.device(device)
         if backend == "auto":
             backend, passed_over = choose_backend(w, device)
             _log_choice_once(backend, passed_over, w, device, name)

@@ -542,3 +542,45 @@ def test_cpu_backend_refuses_to_record_a_gradient_and_the_torch_backend_passes_o
         torch.testing.assert_close(x.grad, expected.expand(rows, -1).to(x.grad.dtype), rtol=1e-4, atol=1e-4)
         with torch.no_grad():
             assert relative_error(cpu(x), layer.expected(x.detach())) < BF16_TOLERANCE
+
+
+def validated(layer: Layer, name: str) -> tuple:
+    return qlinear.validate_on(torch.device("cpu"), *layer.packed(), bits=layer.bits, group_size=layer.group_size,
+                               checkpoint_format=layer.format, in_features=layer.K, out_features=layer.N, name=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_joined_siblings_give_each_ones_output(backend, bits, act_order):
+    """q/k/v (or gate/up) as one layer: each sibling's outputs side by side, as its own layer computes them, and
+    within fp64's reach; a sibling without a bias beside ones with a bias adds zeros."""
+    siblings = [Layer(256, n, bits, 128, symmetric=False, act_order=act_order, bias=n != 64, seed=bits + n)
+                for n in (128, 64, 64)]
+    for layer in siblings[1:]:  # GPTQ sorts siblings' inputs alike: they share a Hessian
+        layer.g_idx = siblings[0].g_idx
+    parts = qlinear.join_outputs([validated(layer, f"h.0.{i}") for i, layer in enumerate(siblings)])
+    joined = QuantLinear.from_sorted(*parts, group_size=128, backend=backend, dtype=torch.bfloat16, name="h.0.qkv",
+                                     device="cpu")
+    assert joined.backend == backend and joined.out_features == 256 and (joined.perm is not None) == act_order
+    apart = [layer.build(backend, dtype=torch.bfloat16) for layer in siblings]
+    with torch.no_grad():
+        for M in (1, 5, 70):  # the decode kernel, and the prompt routes
+            x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)).bfloat16()
+            y = joined(x)
+            torch.testing.assert_close(y, torch.cat([m(x) for m in apart], -1), rtol=0, atol=0)
+            want = torch.cat([layer.expected(x) for layer in siblings], -1)
+            assert relative_error(y, want) < BF16_TOLERANCE
+
+
+def test_siblings_whose_inputs_sort_otherwise_stay_apart():
+    """Act-order linears sorted by different g_idx (another quantizer's file) cannot share one matmul; nor can
+    weights of another width or bit count."""
+    first, second = (Layer(256, 64, 4, 128, act_order=True, seed=seed) for seed in (1, 2))
+    assert not torch.equal(first.g_idx, second.g_idx)
+    assert qlinear.join_outputs([validated(first, "a"), validated(second, "b")]) is None
+    in_order = Layer(256, 64, 4, 128, seed=3)
+    assert qlinear.join_outputs([validated(first, "a"), validated(in_order, "b")]) is None
+    assert qlinear.join_outputs([validated(in_order, "a"), validated(Layer(256, 64, 8, 128, seed=4), "b")]) is None
+    assert qlinear.join_outputs([validated(in_order, "a"), validated(Layer(512, 64, 4, 128, seed=5), "b")]) is None
+    assert qlinear.join_outputs([validated(in_order, "a"), validated(Layer(256, 64, 4, 64, seed=6), "b")]) is None

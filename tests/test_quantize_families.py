@@ -197,8 +197,31 @@ def test_later_family_exports_run_through_every_backend(source, backend, tmp_pat
     model = QwenForCausalLM.from_pretrained(out, backend="auto" if backend == "cpu" else backend, dtype=dtype)
     used = {m.backend for m in model.modules() if hasattr(m, "backend")}
     assert used == ({"cpu", "torch"} if backend == "cpu" else {backend})
+    # q/k/v and gate/up each run as one layer (vLLM's names), in place of the three and the two.
+    attention, mlp = (model.blocks[0].get_submodule(p) for p in ("self_attn", "mlp"))
+    assert set(attention._modules) - {"q_norm", "k_norm"} == {"qkv_proj", "o_proj"}
+    assert set(mlp._modules) == {"gate_up_proj", "down_proj"}
     ids = calibration_ids(config.vocab_size)[:32].view(2, 16)
     with torch.no_grad():
         got, want = model(ids).float(), dequantized(out)(ids)
     tolerance = 0.1 if backend == "cpu" else 1e-3  # the cpu kernels run in bf16
     assert (got - want).abs().max() < tolerance * want.abs().max()
+
+
+def test_siblings_sorted_by_different_g_idx_load_apart(source, tmp_path):
+    """A file whose k_proj sorts its inputs by another g_idx than q_proj's (act-order from another quantizer): q/k/v
+    stay three layers (gate/up still join), and the model computes what its dequantized weights give."""
+    out = tmp_path / "int4"
+    quantize(source, out, method="rtn", **CALIBRATION)
+    tensors = tensors_of(out)
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name][torch.randperm(len(tensors[name]), generator=torch.Generator().manual_seed(0))]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model = QwenForCausalLM.from_pretrained(out, backend="torch", dtype=torch.float32)
+    first, second = model.blocks[0], model.blocks[1]
+    assert {"q_proj", "k_proj", "v_proj"} <= set(first.self_attn._modules) and "qkv_proj" not in first.self_attn._modules
+    assert "qkv_proj" in second.self_attn._modules and "gate_up_proj" in first.mlp._modules
+    ids = calibration_ids(QwenConfig.from_file(out).vocab_size)[:32].view(2, 16)
+    with torch.no_grad():
+        got, want = model(ids), dequantized(out)(ids)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
