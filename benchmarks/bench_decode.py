@@ -4,7 +4,8 @@ llama.cpp.
 - Qwen's published protocol: batch 1, a context of 1 token, N new tokens; random checkpoints with the Qwen-1.8B
   shapes (GPU: 7B too) in bf16, Int8 and Int4 (group 128, symmetric, the published layout), with their memory.
 - --smollm2: the real SmolLM2-135M-Instruct in bf16 and its Int8 / Int4 g128 exports (round-to-nearest: GPTQ's
-  exports have the same layout and speed), 64 new tokens after the ChatML France question; beside it llama.cpp
+  exports have the same layout and speed), and its Int4 in the qwen2 layout (the later generations': q/k/v apart
+  over 3 kv heads), 64 new tokens after the ChatML France question; beside it llama.cpp
   (llama-cpp-python, optional: pip install llama-cpp-python) decoding the GGUF the model was built from, greedy, on
   as many threads as torch uses.
 Speed = (new tokens - 1) / seconds from the first new token to the last: the decode steps alone, prompt excluded,
@@ -150,13 +151,16 @@ def smollm2_rows(args) -> list:
     prompt = build_chat_input(load_tokenizer(fp), QUESTION, system=None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {"bf16": fp}
-        for bits in (8, 4):
-            folders[f"int{bits}"] = Path(tmp) / f"int{bits}"
-            quantize(fp, folders[f"int{bits}"], bits=bits, group_size=128, method="rtn", mse=False, progress=False)
-        for precision, folder in folders.items():
+        # The v1 layout in every precision, and the later generations' layout (q/k/v apart, 3 kv heads) in Int4.
+        folders = {("SmolLM2-135M", "bf16"): fp}
+        for layout, bits in (("qwen", 8), ("qwen", 4), ("qwen2", 4)):
+            model = "SmolLM2-135M" + ("" if layout == "qwen" else f" {layout} layout")
+            folders[model, f"int{bits}"] = Path(tmp) / f"{layout}-int{bits}"
+            quantize(smollm2_dir(data, layout), folders[model, f"int{bits}"], bits=bits, group_size=128,
+                     method="rtn", mse=False, progress=False)
+        for (model, precision), folder in folders.items():
             for compiled in modes(args.compile):
-                rows.append(run_row("SmolLM2-135M", precision, folder, prompt, 64, "cpu", compiled, args.repeats))
+                rows.append(run_row(model, precision, folder, prompt, 64, "cpu", compiled, args.repeats))
     gguf = data / "smollm2_135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     try:
         run = isolated(llama_cpp_decode, str(gguf), prompt, 64, torch.get_num_threads(), args.repeats)
