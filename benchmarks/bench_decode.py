@@ -152,12 +152,12 @@ def smollm2_rows(args) -> list:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # The v1 layout in every precision, and the later generations' layout (q/k/v apart, 3 kv heads) in Int4.
-        folders = {("SmolLM2-135M", "bf16"): fp}
+        folders, sources = {("SmolLM2-135M", "bf16"): fp}, {"qwen": fp, "qwen2": smollm2_dir(data, "qwen2")}
         for layout, bits in (("qwen", 8), ("qwen", 4), ("qwen2", 4)):
             model = "SmolLM2-135M" + ("" if layout == "qwen" else f" {layout} layout")
             folders[model, f"int{bits}"] = Path(tmp) / f"{layout}-int{bits}"
-            quantize(smollm2_dir(data, layout), folders[model, f"int{bits}"], bits=bits, group_size=128,
-                     method="rtn", mse=False, progress=False)
+            quantize(sources[layout], folders[model, f"int{bits}"], bits=bits, group_size=128, method="rtn",
+                     mse=False, progress=False)
         for (model, precision), folder in folders.items():
             for compiled in modes(args.compile):
                 rows.append(run_row(model, precision, folder, prompt, 64, "cpu", compiled, args.repeats))

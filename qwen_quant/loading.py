@@ -11,8 +11,8 @@ import torch
 
 from .checkpoint import WeightReader, resolve_model_path
 from .config import QwenConfig
-from .layout import GPTQ_OPTIONAL, GPTQ_PACKED, GPTQ_REQUIRED, GPTQ_TENSORS, layout_of
-from .qlinear import QuantLinear, join_outputs, validate_and_sort, validate_on
+from .layout import GPTQ_OPTIONAL, GPTQ_REQUIRED, GPTQ_TENSORS, layout_of
+from .qlinear import QuantLinear, join_outputs, validate_on
 from .tokenizer import tokenizer_id_count
 
 
@@ -114,6 +114,15 @@ def default_dtype(config: QwenConfig, quantized: bool, device) -> torch.dtype:
     return torch.float16 if torch.device(device or "cpu").type == "cuda" else torch.bfloat16
 
 
+def validated_linear(reader: WeightReader, quant, name: str, dense: torch.nn.Linear, device) -> tuple:
+    """The quantized linear `name`'s tensors read and checked against the config's quantization and the dense
+    module's shape (qlinear.validate_on, on `device`): (SortedGptqWeight, perm, bias)."""
+    tensors = (reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_TENSORS)
+    return validate_on(torch.device(device), *tensors, bits=quant.bits, group_size=quant.group_size,
+                       checkpoint_format=quant.checkpoint_format, in_features=dense.in_features,
+                       out_features=dense.out_features, name=name, sym=quant.sym, desc_act=quant.desc_act)
+
+
 def load_weights(model: torch.nn.Module, reader: WeightReader, dtype: Optional[torch.dtype] = None, device=None,
                  backend: str = "auto") -> torch.nn.Module:
     """Fill `model` (a QwenForCausalLM built on the meta device from the checkpoint's config) from `reader`; a
@@ -123,18 +132,12 @@ def load_weights(model: torch.nn.Module, reader: WeightReader, dtype: Optional[t
     device = torch.device(device or "cpu")
     layout = layout_of(model.config)
     if quant is not None:
+        build = functools.partial(QuantLinear.from_sorted, group_size=quant.group_size, backend=backend, dtype=dtype,
+                                  device=device)
         for i, block in enumerate(model.blocks):
             prefix = layout.block_prefix(i)
-            validated = {}
-            for path in layout.linears:
-                name, dense = prefix + path, block.get_submodule(path)
-                validated[path] = validate_on(
-                    device, *(reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_TENSORS),
-                    bits=quant.bits, group_size=quant.group_size, checkpoint_format=quant.checkpoint_format,
-                    in_features=dense.in_features, out_features=dense.out_features, name=name, sym=quant.sym,
-                    desc_act=quant.desc_act)
-            build = functools.partial(QuantLinear.from_sorted, group_size=quant.group_size, backend=backend,
-                                      dtype=dtype, device=device)
+            validated = {path: validated_linear(reader, quant, prefix + path, block.get_submodule(path), device)
+                         for path in layout.linears}
             # Linears that read one input run as one matmul where their weights allow (join_outputs): a decode
             # step's calls and launches are a large part of its time on small models.
             for joined, siblings in layout.siblings.items():
@@ -162,16 +165,10 @@ def load_dequantized_weights(model: torch.nn.Module, reader: WeightReader, dtype
     layout = layout_of(model.config)
     for i, block in enumerate(model.blocks):
         for path in layout.linears:
-            name = layout.block_prefix(i) + path
             linear = block.get_submodule(path)
-            packed = [reader.get(f"{name}.{t}") if f"{name}.{t}" in reader else None for t in GPTQ_PACKED]
-            bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
             # The same checks as load_weights' (shapes, finite scales, zero points against sym), then the weight
             # the sorted tensors describe, back in the checkpoint's input order.
-            sorted_weight, perm = validate_and_sort(
-                *packed, bias, bits=quant.bits, group_size=quant.group_size,
-                checkpoint_format=quant.checkpoint_format, in_features=linear.in_features,
-                out_features=linear.out_features, name=name, sym=quant.sym, desc_act=quant.desc_act)
+            sorted_weight, perm, bias = validated_linear(reader, quant, layout.block_prefix(i) + path, linear, "cpu")
             w = sorted_weight.dequantize(perm)
             linear.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
             linear.bias = None if bias is None else torch.nn.Parameter(bias.to(device=device, dtype=dtype),

@@ -219,7 +219,8 @@ def test_siblings_sorted_by_different_g_idx_load_apart(source, tmp_path):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model = QwenForCausalLM.from_pretrained(out, backend="torch", dtype=torch.float32)
     first, second = model.blocks[0], model.blocks[1]
-    assert {"q_proj", "k_proj", "v_proj"} <= set(first.self_attn._modules) and "qkv_proj" not in first.self_attn._modules
+    assert {"q_proj", "k_proj", "v_proj"} <= set(first.self_attn._modules)
+    assert "qkv_proj" not in first.self_attn._modules
     assert "qkv_proj" in second.self_attn._modules and "gate_up_proj" in first.mlp._modules
     ids = calibration_ids(QwenConfig.from_file(out).vocab_size)[:32].view(2, 16)
     with torch.no_grad():
