@@ -39,11 +39,15 @@ def ops() -> Optional[object]:
 
 def checked(self_check: Callable, kernel: str, instead: str) -> Optional[object]:
     """ops(), where self_check(ops) finds nothing wrong with `kernel` on this CPU (it returns what is wrong, or None);
-    else None and a warning that says what and that `instead` runs."""
+    else None and a warning that says what and that `instead` runs. An operator that raises counts as wrong: oneDNN
+    refuses its bf16 microkernel where its ISA is capped (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU, say)."""
     built = ops()
     if built is None:
         return None
-    error = self_check(built)
+    try:
+        error = self_check(built)
+    except RuntimeError as raised:
+        error = f"it raised {type(raised).__name__}: {raised}"
     if error is not None:
         logger.warning("cpu backend: its %s disagrees with torch's own results on this CPU (%s); %s", kernel, error,
                        instead)

@@ -133,3 +133,16 @@ def test_off_while_onednn_is_disabled(monkeypatch):
     monkeypatch.undo()
     assert torch.backends.mkldnn.enabled
     assert (cpu_prefill.module() is not None) == RUNS_HERE
+
+
+def test_an_operator_that_raises_in_its_check_is_left_with_a_warning(monkeypatch, caplog):
+    """oneDNN refuses the bf16 microkernel where its ISA is capped (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512-bf16 CPU): a
+    check that raises is a failed check, not an error in the user's forward (on any CPU: ops() is stood in for)."""
+    monkeypatch.setattr(cpu_native, "ops", lambda: object())
+
+    def refusing(built):
+        raise RuntimeError("BFloat16 Brgemm VNNI format is only supported when oneDNN ukernel is enabled")
+    with caplog.at_level(logging.WARNING, logger="qwen_quant"):
+        assert cpu_native.checked(refusing, "prompt GEMM", "prompts run torch's elementwise tiles instead") is None
+    assert "prompt GEMM" in caplog.text and "Brgemm VNNI" in caplog.text and "elementwise tiles" in caplog.text
+    assert cpu_native.checked(lambda built: None, "prompt GEMM", "") is not None
